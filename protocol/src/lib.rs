@@ -1,2 +1,42 @@
-//! Host-guest protocol of kiln (see issue 3): length-prefixed bincode frames over any byte stream.
+//! Host-guest protocol of kiln (issue 3): length-prefixed bincode frames over any byte stream.
+//!
+//! The agent (guest-init, PID 1 in the microVM) serves it on vsock port [`AGENT_VSOCK_PORT`];
+//! the host side (`host-vmm --`, the `kiln` runtime) uses [`client`]. The crate is transport
+//! agnostic: frames travel over vsock, a unix socket (tests, the hybrid vsock of Firecracker-style
+//! VMMs) or anything implementing `Read`/`Write`. The full description is in `protocol/README.md`.
+//!
+//! Modules:
+//! - [`messages`]: every frame body ([`HostMessage`], [`AgentMessage`]) and what they carry.
+//! - [`spec`]: [`ContainerSpec`], the self-contained subset of the OCI runtime spec.
+//!
+//! This crate owns the wire format. It never interprets a spec (that is guest-init's job) and
+//! never touches a VM.
 #![forbid(unsafe_code)]
+
+pub mod messages;
+pub mod spec;
+
+pub use messages::{
+    AgentInfo, AgentMessage, Attach, ContainerStats, ErrorKind, ErrorReply, Event, ExitStatus,
+    Hello, HelloOk, HostMessage, ProtocolVersion, Request, Response, StdioStream,
+};
+pub use spec::{
+    Capabilities, ContainerSpec, IdMapping, LinuxSpec, MountSpec, Namespace, NamespaceKind,
+    ProcessSpec, Resources, Rlimit, RootSpec, TtySize, User,
+};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
+
+/// vsock port the agent listens on, for control connections and stdio connections alike (the
+/// first frame, [`HostMessage::Hello`] or [`HostMessage::Attach`], says which one it is).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Largest frame body accepted or produced, in bytes (1 MiB). Checked before any allocation.
+pub const MAX_FRAME_LEN: u32 = 1 << 20;
+
+/// Size of the frame header: the body length as a little-endian `u32`.
+pub const FRAME_HEADER_LEN: usize = 4;
+
+/// The `exec_id` that names a container's main process.
+pub const INIT_EXEC_ID: &str = "";

@@ -1,0 +1,242 @@
+//! The container description sent with `CreateContainer` and `ExecProcess`.
+//!
+//! A self-contained subset of the OCI runtime spec: everything guest-init needs to set up and run
+//! a container, and nothing that only makes sense on the host (hooks, the bundle path, host-side
+//! annotations). The host (the `kiln` runtime or `host-vmm --`) builds it; with the `oci` feature
+//! [`crate::oci`] converts an `oci_spec::runtime::Spec`.
+//!
+//! This module owns only data. Validation of untrusted values (paths, limits) is the agent's job.
+//!
+//! Wire compatibility: bincode encodes struct fields in order with no names, so the field list of
+//! every struct here is frozen for protocol major version 1. New information goes into new enum
+//! variants (appended at the end) or a new major version.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the agent needs to create one container.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// The container's main process (`process` in OCI).
+    pub process: ProcessSpec,
+    /// The container's root filesystem (`root` in OCI, plus where it comes from in the guest).
+    pub root: RootSpec,
+    /// `hostname` in OCI; `None` leaves the UTS namespace's name unchanged.
+    pub hostname: Option<String>,
+    /// `mounts` in OCI, in order, applied inside the new root before `pivot_root`.
+    pub mounts: Vec<MountSpec>,
+    /// `linux` in OCI: namespaces, resources, sysctl, masked and read-only paths.
+    pub linux: LinuxSpec,
+}
+
+/// A process to run: the container's main process or an exec'd one.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    /// `args`: `args[0]` is the program, looked up in `PATH` from `env` if it has no `/`.
+    pub args: Vec<String>,
+    /// `env`: `KEY=VALUE` strings.
+    pub env: Vec<String>,
+    /// `cwd`: absolute path inside the container.
+    pub cwd: String,
+    /// `user`: uid, gid, additional gids, umask.
+    pub user: User,
+    /// `terminal`: run the process on a pty (stdio stream [`crate::StdioStream::Pty`]).
+    pub terminal: bool,
+    /// `consoleSize`: initial pty size when `terminal` is set.
+    pub console_size: Option<TtySize>,
+    /// `rlimits`, applied with `setrlimit` before exec.
+    pub rlimits: Vec<Rlimit>,
+    /// `noNewPrivileges`: `PR_SET_NO_NEW_PRIVS` before exec.
+    pub no_new_privileges: bool,
+    /// `capabilities`; `None` keeps the agent's default set for containers.
+    pub capabilities: Option<Capabilities>,
+    /// `oomScoreAdj`.
+    pub oom_score_adj: Option<i32>,
+}
+
+/// `process.user` of OCI.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct User {
+    /// Numeric user id inside the container.
+    pub uid: u32,
+    /// Numeric primary group id inside the container.
+    pub gid: u32,
+    /// Supplementary group ids (`additionalGids`).
+    pub additional_gids: Vec<u32>,
+    /// `umask`; `None` keeps the agent's default (0o022).
+    pub umask: Option<u32>,
+}
+
+/// Size of a terminal in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TtySize {
+    /// Rows (`height` in OCI's `consoleSize`).
+    pub rows: u16,
+    /// Columns (`width` in OCI's `consoleSize`).
+    pub cols: u16,
+}
+
+/// One `process.rlimits` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// OCI name of the limit, e.g. `RLIMIT_NOFILE`.
+    pub kind: String,
+    /// Soft limit (`u64::MAX` = unlimited).
+    pub soft: u64,
+    /// Hard limit (`u64::MAX` = unlimited).
+    pub hard: u64,
+}
+
+/// `process.capabilities`: capability names such as `CAP_CHOWN`, per set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Bounding set.
+    pub bounding: Vec<String>,
+    /// Effective set.
+    pub effective: Vec<String>,
+    /// Inheritable set.
+    pub inheritable: Vec<String>,
+    /// Permitted set.
+    pub permitted: Vec<String>,
+    /// Ambient set.
+    pub ambient: Vec<String>,
+}
+
+/// Where the container's root filesystem is in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RootSpec {
+    /// A guest block device holding the root filesystem (e.g. `/dev/vdb`) that the agent mounts
+    /// at `path`; `None` when `path` already is a directory in the guest.
+    pub device: Option<String>,
+    /// Filesystem type of `device` (e.g. `ext4`, `erofs`); ignored when `device` is `None`.
+    pub fstype: String,
+    /// Guest directory that becomes the container's `/` (`root.path`).
+    pub path: String,
+    /// `root.readonly`: the root is remounted read-only after the mounts are applied.
+    pub readonly: bool,
+}
+
+/// One OCI `mounts` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MountSpec {
+    /// Absolute path inside the container.
+    pub destination: String,
+    /// Filesystem type (`type` in OCI): `proc`, `tmpfs`, `bind`, ...; `None` for bind mounts
+    /// given by options only.
+    pub fstype: Option<String>,
+    /// Source: a device, a guest path for bind mounts, or a name such as `tmpfs`.
+    pub source: Option<String>,
+    /// Mount options as in OCI / mount(8): `nosuid`, `ro`, `rbind`, `mode=755`, ...
+    pub options: Vec<String>,
+}
+
+/// The `linux` section of OCI, trimmed to what guest-init applies.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LinuxSpec {
+    /// Namespaces to create (or join when `path` is set).
+    pub namespaces: Vec<Namespace>,
+    /// `uidMappings` for a user namespace.
+    pub uid_mappings: Vec<IdMapping>,
+    /// `gidMappings` for a user namespace.
+    pub gid_mappings: Vec<IdMapping>,
+    /// cgroup v2 limits (`linux.resources`).
+    pub resources: Resources,
+    /// `cgroupsPath`; `None` lets the agent choose one per container.
+    pub cgroups_path: Option<String>,
+    /// `sysctl`: key (dotted, e.g. `net.ipv4.ip_forward`) to value. Sorted, so encoding is
+    /// deterministic.
+    pub sysctl: BTreeMap<String, String>,
+    /// `maskedPaths`: bind-mounted over with `/dev/null` (files) or an empty read-only tmpfs.
+    pub masked_paths: Vec<String>,
+    /// `readonlyPaths`: remounted read-only.
+    pub readonly_paths: Vec<String>,
+}
+
+/// One namespace of a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Namespace {
+    /// Which namespace.
+    pub kind: NamespaceKind,
+    /// Join the namespace at this guest path instead of creating a new one.
+    pub path: Option<String>,
+}
+
+/// Linux namespace types (OCI `linux.namespaces[].type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NamespaceKind {
+    /// `pid`
+    Pid,
+    /// `network`
+    Network,
+    /// `mount`
+    Mount,
+    /// `ipc`
+    Ipc,
+    /// `uts`
+    Uts,
+    /// `user`
+    User,
+    /// `cgroup`
+    Cgroup,
+    /// `time`
+    Time,
+}
+
+/// One uid/gid mapping line of a user namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMapping {
+    /// First id inside the container.
+    pub container_id: u32,
+    /// First id outside (in the guest's initial namespace).
+    pub host_id: u32,
+    /// Number of ids mapped.
+    pub size: u32,
+}
+
+/// cgroup v2 resource limits. `None` everywhere means "no limit / kernel default".
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Resources {
+    /// `memory.max` in bytes (OCI `memory.limit`; a negative OCI value becomes `None`).
+    pub memory_limit: Option<u64>,
+    /// `memory.swap.max` in bytes (OCI `memory.swap` minus `memory.limit`, as runc does).
+    pub memory_swap_limit: Option<u64>,
+    /// CPU quota per period in microseconds (`cpu.max` first field; OCI `cpu.quota`).
+    pub cpu_quota: Option<i64>,
+    /// CPU period in microseconds (`cpu.max` second field; OCI `cpu.period`).
+    pub cpu_period: Option<u64>,
+    /// `cpu.weight` (1..=10000), converted from OCI `cpu.shares` with [`shares_to_weight`].
+    pub cpu_weight: Option<u64>,
+    /// `cpuset.cpus` (e.g. `0-1`).
+    pub cpuset_cpus: Option<String>,
+    /// `cpuset.mems`.
+    pub cpuset_mems: Option<String>,
+    /// `pids.max` (OCI `pids.limit`; zero or negative becomes `None`, as runc does).
+    pub pids_limit: Option<u64>,
+}
+
+/// Converts cgroup v1 `cpu.shares` (2..=262144) to cgroup v2 `cpu.weight` (1..=10000) with the
+/// linear formula runc and crun use, so the same OCI spec gets the same weight under kiln.
+pub fn shares_to_weight(shares: u64) -> u64 {
+    if shares == 0 {
+        return 100; // unset shares: the cgroup v2 default weight
+    }
+    let shares = shares.clamp(2, 262_144);
+    1 + ((shares - 2) * 9999) / 262_142
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_to_weight_matches_runc_formula() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(262_144), 10_000);
+        // runc maps the cgroup v1 default of 1024 shares to weight 39.
+        assert_eq!(shares_to_weight(1024), 39);
+        assert_eq!(shares_to_weight(1), 1);
+        assert_eq!(shares_to_weight(u64::MAX), 10_000);
+        assert_eq!(shares_to_weight(0), 100);
+    }
+}
