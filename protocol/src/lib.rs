@@ -6,6 +6,8 @@
 //! VMMs) or anything implementing `Read`/`Write`. The full description is in `protocol/README.md`.
 //!
 //! Modules:
+//! - [`codec`]: frames, the bincode options, [`FrameDecoder`], [`read_frame`] / [`write_frame`].
+//! - [`handshake`]: the Hello / Attach version check for both sides.
 //! - [`messages`]: every frame body ([`HostMessage`], [`AgentMessage`]) and what they carry.
 //! - [`spec`]: [`ContainerSpec`], the self-contained subset of the OCI runtime spec.
 //!
@@ -13,8 +15,14 @@
 //! never touches a VM.
 #![forbid(unsafe_code)]
 
+pub mod codec;
+pub mod handshake;
 pub mod messages;
 pub mod spec;
+
+pub use codec::{
+    decode_body, encode_body, encode_frame, read_frame, write_frame, FrameDecoder, FrameError,
+};
 
 pub use messages::{
     AgentInfo, AgentMessage, Attach, ContainerStats, ErrorKind, ErrorReply, Event, ExitStatus,
@@ -40,3 +48,15 @@ pub const FRAME_HEADER_LEN: usize = 4;
 
 /// The `exec_id` that names a container's main process.
 pub const INIT_EXEC_ID: &str = "";
+
+/// Formats an error and its `source()` chain as one line: `outer: inner: innermost`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        line.push_str(": ");
+        line.push_str(&e.to_string());
+        source = e.source();
+    }
+    line
+}
