@@ -6,6 +6,8 @@
 //! VMMs) or anything implementing `Read`/`Write`. The full description is in `protocol/README.md`.
 //!
 //! Modules:
+//! - [`client`]: [`AgentClient`], the host side: handshake, concurrent calls, events.
+//! - [`transport`]: Firecracker hybrid vsock connect, stdio stream attachment.
 //! - [`codec`]: frames, the bincode options, [`FrameDecoder`], [`read_frame`] / [`write_frame`].
 //! - [`handshake`]: the Hello / Attach version check for both sides.
 //! - [`messages`]: every frame body ([`HostMessage`], [`AgentMessage`]) and what they carry.
@@ -15,10 +17,14 @@
 //! never touches a VM.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod codec;
 pub mod handshake;
 pub mod messages;
 pub mod spec;
+pub mod transport;
+
+pub use client::{AgentClient, ClientError};
 
 pub use codec::{
     decode_body, encode_body, encode_frame, read_frame, write_frame, FrameDecoder, FrameError,
