@@ -8,6 +8,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+pub mod guests;
+
 /// Root of the cargo workspace.
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
