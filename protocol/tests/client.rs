@@ -242,6 +242,6 @@ fn refused_and_incompatible_handshakes_are_clear_errors() {
     assert!(matches!(err, ClientError::IncompatibleVersion { .. }));
     assert!(err.to_string().contains("2.0"), "{err}");
     // The agent hangs up.
-    let closed = connect_to(|s| drop(s));
+    let closed = connect_to(drop);
     assert!(matches!(closed, Err(ClientError::Handshake(_))));
 }

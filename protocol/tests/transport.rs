@@ -67,7 +67,7 @@ fn connect_sends_the_port_and_leaves_stream_bytes_unread() {
 
 #[test]
 fn bad_replies_are_clear_errors() {
-    let (path, _vmm) = fake_vmm(b"", |s| drop(s));
+    let (path, _vmm) = fake_vmm(b"", drop);
     let err = hybrid_vsock_connect(&path, 1024).unwrap_err();
     assert!(
         matches!(err, TransportError::NotListening { port: 1024, .. }),
