@@ -1,0 +1,378 @@
+//! kiln-bench: boot benchmarks (issue 2, "Performance").
+//!
+//! `kiln-bench boot [--runs N] [--out PATH | --no-write]` boots the PVH test guest
+//! (`tests/guests`, `kiln.test=marker`) N times under host-vmm and under QEMU `-M microvm`
+//! (same guest, 128 MiB, 1 vCPU), interleaved, and measures:
+//! - start -> marker: from just before spawning the VMM until the guest's `KILN-TEST marker` line
+//!   arrives on the VMM's stdout pipe;
+//! - start -> exit: until the VMM process has exited (host-vmm: i8042 reset; QEMU microvm has no
+//!   i8042, so its guest triple-faults with `kiln.exit=triple` and `-no-reboot` makes QEMU exit);
+//! - VmRSS / RssAnon of the VMM process while the guest idles (`kiln.test=idle`: marker, then
+//!   halt), sampled from /proc/PID/status 100 ms after the marker, then the VMM is killed.
+//!
+//! Prints a median/min/max table and the host-vmm/QEMU ratio, and writes it (with date and
+//! machine) to `docs/benchmarks.md` unless `--no-write`. Build it in release mode:
+//! `cargo run --release -p kiln-tests --bin kiln-bench -- boot`; host-vmm is then built in release
+//! mode too (see `kiln_tests::guests`).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use kiln_tests::guests::{guest, host_vmm, Guest};
+
+const MEM_MIB: u32 = 128;
+const VCPUS: u32 = 1;
+const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+const IDLE_SETTLE: Duration = Duration::from_millis(100);
+const QEMU: &str = "qemu-system-x86_64";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Vmm {
+    HostVmm,
+    Qemu,
+}
+
+impl Vmm {
+    fn name(self) -> &'static str {
+        match self {
+            Vmm::HostVmm => "host-vmm",
+            Vmm::Qemu => "QEMU microvm",
+        }
+    }
+}
+
+struct Setup {
+    host_vmm: PathBuf,
+    kernel: PathBuf,
+}
+
+impl Setup {
+    fn command(&self, vmm: Vmm, mode: &str) -> Command {
+        match vmm {
+            Vmm::HostVmm => {
+                let mut c = Command::new(&self.host_vmm);
+                c.arg("--kernel")
+                    .arg(&self.kernel)
+                    .args(["--mem-mib", &MEM_MIB.to_string()])
+                    .args(["--vcpus", &VCPUS.to_string()])
+                    .args(["--cmdline", &format!("kiln.test={mode}")]);
+                c
+            }
+            Vmm::Qemu => {
+                let mut c = Command::new(QEMU);
+                c.args(["-M", "microvm,acpi=off", "-accel", "kvm"])
+                    .args(["-cpu", "host,-arch-capabilities"])
+                    .args(["-m", &MEM_MIB.to_string(), "-smp", &VCPUS.to_string()])
+                    .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+                    .args(["-serial", "stdio", "-kernel"])
+                    .arg(&self.kernel)
+                    .args(["-append", &format!("kiln.test={mode} kiln.exit=triple")]);
+                c
+            }
+        }
+    }
+}
+
+/// One timed boot.
+struct BootSample {
+    marker: Duration,
+    exit: Duration,
+}
+
+/// Lines of a child's stdout with the time each arrived.
+type Lines = mpsc::Receiver<(Instant, String)>;
+
+/// Spawns `cmd` with stdout piped; returns the child, its start time and its stdout lines.
+fn spawn_lines(mut cmd: Command) -> Result<(std::process::Child, Instant, Lines)> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((child, start, rx))
+}
+
+fn stderr_of(child: &mut std::process::Child) -> String {
+    let mut s = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut s);
+    }
+    s
+}
+
+/// Waits for the marker line; kills the child on timeout.
+fn wait_marker(child: &mut std::process::Child, start: Instant, rx: &Lines) -> Result<Duration> {
+    loop {
+        let left = RUN_TIMEOUT.saturating_sub(start.elapsed());
+        match rx.recv_timeout(left) {
+            Ok((t, line)) if line.contains("KILN-TEST marker") => return Ok(t - start),
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "no marker within {RUN_TIMEOUT:?}: {}",
+                    stderr_of(child).trim()
+                );
+            }
+        }
+    }
+}
+
+fn boot_once(setup: &Setup, vmm: Vmm) -> Result<BootSample> {
+    let (mut child, start, rx) = spawn_lines(setup.command(vmm, "marker"))?;
+    let marker = wait_marker(&mut child, start, &rx)?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let exit = start.elapsed();
+            ensure!(
+                status.success(),
+                "{} exited with {status}: {}",
+                vmm.name(),
+                stderr_of(&mut child).trim()
+            );
+            return Ok(BootSample { marker, exit });
+        }
+        if start.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{} did not exit within {RUN_TIMEOUT:?}", vmm.name());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Memory of the VMM process while the guest idles, in KiB: (VmRSS, RssAnon).
+fn idle_rss(setup: &Setup, vmm: Vmm) -> Result<(u64, u64)> {
+    let (mut child, start, rx) = spawn_lines(setup.command(vmm, "idle"))?;
+    wait_marker(&mut child, start, &rx)?;
+    std::thread::sleep(IDLE_SETTLE);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+    let _ = child.kill();
+    let _ = child.wait();
+    let status = status.context("reading /proc/PID/status of the idle VMM")?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {name} in /proc/PID/status"))
+    };
+    Ok((field("VmRSS:")?, field("RssAnon:")?))
+}
+
+/// median, min, max
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
+#[derive(Default)]
+struct Series {
+    marker_ms: Vec<f64>,
+    exit_ms: Vec<f64>,
+    rss_kib: Vec<f64>,
+    anon_kib: Vec<f64>,
+}
+
+fn row(label: &str, unit: &str, a: &[f64], b: &[f64], digits: usize) -> String {
+    let (am, amin, amax) = stats(a.to_vec());
+    let (bm, bmin, bmax) = stats(b.to_vec());
+    format!(
+        "| {label} ({unit}) | {am:.d$} | {amin:.d$} | {amax:.d$} | {bm:.d$} | {bmin:.d$} | {bmax:.d$} | {:.2}x |",
+        am / bm,
+        d = digits
+    )
+}
+
+fn cmd_output(prog: &str, args: &[&str]) -> String {
+    Command::new(prog)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let kvm = if Path::new("/sys/module/kvm_pvm").exists() {
+        "kvm_pvm (PVM, software KVM)"
+    } else if Path::new("/sys/module/kvm_intel").exists() {
+        "kvm_intel"
+    } else if Path::new("/sys/module/kvm_amd").exists() {
+        "kvm_amd"
+    } else {
+        "unknown KVM"
+    };
+    format!("{cpu}, {cores} CPUs, Linux {}, {kvm}", kernel.trim())
+}
+
+fn usage() -> ! {
+    eprintln!("usage: kiln-bench boot [--runs N (>= 1, default 30)] [--out PATH | --no-write]");
+    std::process::exit(1);
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some("boot") {
+        usage();
+    }
+    let mut runs = 30usize;
+    let mut out = Some(kiln_tests::workspace_root().join("docs/benchmarks.md"));
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => {
+                runs = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n| n >= 1)
+                    .unwrap_or_else(|| usage())
+            }
+            "--out" => out = Some(PathBuf::from(args.next().unwrap_or_else(|| usage()))),
+            "--no-write" => out = None,
+            _ => usage(),
+        }
+    }
+    let setup = Setup {
+        host_vmm: host_vmm(),
+        kernel: guest(Guest::Pvh),
+    };
+    let qemu_version = cmd_output(QEMU, &["--version"]);
+    ensure!(!qemu_version.is_empty(), "{QEMU} not found or not runnable");
+    let qemu_version = qemu_version.lines().next().unwrap_or_default().to_string();
+
+    let mut host = Series::default();
+    let mut qemu = Series::default();
+    eprintln!("kiln-bench: {runs} interleaved boots per VMM ...");
+    for i in 0..runs {
+        // Alternate which VMM goes first, so neither always runs on a warmer cache.
+        let order = if i % 2 == 0 {
+            [Vmm::HostVmm, Vmm::Qemu]
+        } else {
+            [Vmm::Qemu, Vmm::HostVmm]
+        };
+        for vmm in order {
+            let s = boot_once(&setup, vmm).with_context(|| format!("{} boot {i}", vmm.name()))?;
+            let series = if vmm == Vmm::HostVmm {
+                &mut host
+            } else {
+                &mut qemu
+            };
+            series.marker_ms.push(s.marker.as_secs_f64() * 1e3);
+            series.exit_ms.push(s.exit.as_secs_f64() * 1e3);
+        }
+    }
+    eprintln!("kiln-bench: {runs} idle runs per VMM for memory ...");
+    for i in 0..runs {
+        for vmm in [Vmm::HostVmm, Vmm::Qemu] {
+            let (rss, anon) =
+                idle_rss(&setup, vmm).with_context(|| format!("{} idle {i}", vmm.name()))?;
+            let series = if vmm == Vmm::HostVmm {
+                &mut host
+            } else {
+                &mut qemu
+            };
+            series.rss_kib.push(rss as f64);
+            series.anon_kib.push(anon as f64);
+        }
+    }
+
+    let table = [
+        "| metric | host-vmm median | min | max | QEMU median | min | max | host-vmm / QEMU |"
+            .to_string(),
+        "|---|---:|---:|---:|---:|---:|---:|---:|".to_string(),
+        row("start -> marker", "ms", &host.marker_ms, &qemu.marker_ms, 2),
+        row("start -> exit", "ms", &host.exit_ms, &qemu.exit_ms, 2),
+        row("VmRSS idle", "KiB", &host.rss_kib, &qemu.rss_kib, 0),
+        row("RssAnon idle", "KiB", &host.anon_kib, &qemu.anon_kib, 0),
+    ]
+    .join("\n");
+    let (hm, _, _) = stats(host.marker_ms.clone());
+    let (qm, _, _) = stats(qemu.marker_ms.clone());
+    let (hrss, _, hrss_max) = stats(host.rss_kib.clone());
+    let ratio_ok = hm <= 0.25 * qm;
+    let rss_ok = hrss_max < 4096.0;
+    let verdict = format!(
+        "- start -> marker: host-vmm median {hm:.2} ms = {:.2}x QEMU's {qm:.2} ms (target <= 0.25x): {}\n\
+         - host-vmm VmRSS while idle: median {hrss:.0} KiB, max {hrss_max:.0} KiB (target < 4096 KiB): {}",
+        hm / qm,
+        if ratio_ok { "met" } else { "NOT met" },
+        if rss_ok { "met" } else { "NOT met" },
+    );
+    println!("{table}\n\n{verdict}");
+
+    if let Some(path) = out {
+        let date = cmd_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+        let commit = cmd_output(
+            "git",
+            &[
+                "-C",
+                &kiln_tests::workspace_root().to_string_lossy(),
+                "rev-parse",
+                "--short",
+                "HEAD",
+            ],
+        );
+        let doc = format!(
+            "# Benchmarks\n\n\
+             Written by `cargo run --release -p kiln-tests --bin kiln-bench -- boot --runs {runs}` \
+             (source: `tests/src/bin/kiln-bench.rs`). Re-run it to refresh this page.\n\n\
+             ## Boot: host-vmm vs QEMU microvm, bare-metal test guest\n\n\
+             - Date: {date}; commit {commit}\n\
+             - Machine: {machine}\n\
+             - QEMU: {qemu_version}\n\
+             - Guest: `tests/guests` `guest-pvh` (PVH entry), `kiln.test=marker`; {MEM_MIB} MiB, \
+             {VCPUS} vCPU, no disk, for both VMMs; {runs} runs each, interleaved.\n\
+             - host-vmm: `host-vmm --kernel guest-pvh --mem-mib {MEM_MIB} --vcpus {VCPUS} \
+             --cmdline kiln.test=marker`; the guest exits with the i8042 reset.\n\
+             - QEMU: `{QEMU} -M microvm,acpi=off -accel kvm -cpu host,-arch-capabilities -m {MEM_MIB} \
+             -smp {VCPUS} -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel \
+             guest-pvh -append \"kiln.test=marker kiln.exit=triple\"` (microvm has no i8042: the guest \
+             triple-faults and `-no-reboot` ends QEMU).\n\
+             - start -> marker: spawn until the `KILN-TEST marker` line is read from the VMM's stdout \
+             pipe (the guest prints it first thing). start -> exit: until the process has exited.\n\
+             - Memory: VmRSS and RssAnon from /proc/PID/status of the VMM, {} ms after the marker of \
+             an idle guest (`kiln.test=idle`: marker, then `hlt`); guest pages the guest touched count.\n\n\
+             {table}\n\n\
+             Targets (issue 2):\n\n{verdict}\n",
+            IDLE_SETTLE.as_millis(),
+            machine = machine(),
+        );
+        std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("kiln-bench: wrote {}", path.display());
+    }
+    Ok(())
+}
