@@ -54,7 +54,11 @@ fn own_profile_dir() -> Result<(PathBuf, String)> {
         .and_then(|n| n.to_str())
         .context("profile directory name is not UTF-8")?
         .to_string();
-    let profile = if name == "debug" { "dev".to_string() } else { name };
+    let profile = if name == "debug" {
+        "dev".to_string()
+    } else {
+        name
+    };
     Ok((dir, profile))
 }
 
@@ -93,14 +97,20 @@ fn build_guests() -> Result<PathBuf> {
     let target = target_dir()?.join("kiln-guests");
     let manifest = crate::workspace_root().join("tests/guests/Cargo.toml");
     let mut cmd = cargo();
-    cmd.args(["build", "--release", "--target", "x86_64-unknown-none", "--manifest-path"])
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(&target)
-        // Flags meant for the host crates must not leak into the bare-metal build.
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET");
+    cmd.args([
+        "build",
+        "--release",
+        "--target",
+        "x86_64-unknown-none",
+        "--manifest-path",
+    ])
+    .arg(&manifest)
+    .arg("--target-dir")
+    .arg(&target)
+    // Flags meant for the host crates must not leak into the bare-metal build.
+    .env_remove("RUSTFLAGS")
+    .env_remove("CARGO_ENCODED_RUSTFLAGS")
+    .env_remove("CARGO_BUILD_TARGET");
     run_cargo(cmd, "the test guests")?;
     Ok(target.join("x86_64-unknown-none").join("release"))
 }
@@ -122,9 +132,17 @@ fn build_host_vmm() -> Result<PathBuf> {
     }
     let (dir, profile) = own_profile_dir()?;
     let mut cmd = cargo();
-    cmd.args(["build", "-p", "host-vmm", "--bin", "host-vmm", "--profile", &profile])
-        .arg("--target-dir")
-        .arg(dir.parent().context("profile directory has no parent")?);
+    cmd.args([
+        "build",
+        "-p",
+        "host-vmm",
+        "--bin",
+        "host-vmm",
+        "--profile",
+        &profile,
+    ])
+    .arg("--target-dir")
+    .arg(dir.parent().context("profile directory has no parent")?);
     run_cargo(cmd, "host-vmm")?;
     Ok(dir.join("host-vmm"))
 }
@@ -280,8 +298,7 @@ impl TempDir {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("kiln-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         TempDir(dir)
     }
 

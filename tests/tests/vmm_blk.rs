@@ -27,12 +27,26 @@ fn run_blk(mode: &str, disk: &Path, extra: &[&str]) -> VmOutput {
     let mut args = vec!["--rootfs", disk];
     args.extend_from_slice(extra);
     let out = boot_guest(Guest::Pvh, mode, &args);
-    assert_eq!(out.code(), Some(0), "expected a clean exit\n{}", out.describe());
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "expected a clean exit\n{}",
+        out.describe()
+    );
     assert!(out.saw("done"), "guest did not finish\n{}", out.describe());
-    assert!(out.get("blk.error").is_none(), "driver error\n{}", out.describe());
+    assert!(
+        out.get("blk.error").is_none(),
+        "driver error\n{}",
+        out.describe()
+    );
     assert!(out.get("panic").is_none(), "{}", out.describe());
     assert_eq!(out.expect("virtio.devices"), "1");
-    assert_eq!(out.expect("blk.capacity"), SECTORS.to_string(), "{}", out.describe());
+    assert_eq!(
+        out.expect("blk.capacity"),
+        SECTORS.to_string(),
+        "{}",
+        out.describe()
+    );
     out
 }
 
@@ -43,17 +57,28 @@ fn blk_cmdline_names_the_device() {
     }
     let dir = TempDir::new("blk-cmdline");
     let disk = image(&dir, &vec![0u8; (SECTORS * 512) as usize]);
-    let out = boot_guest(Guest::Pvh, "bootinfo", &["--rootfs", disk.to_str().expect("utf-8")]);
+    let out = boot_guest(
+        Guest::Pvh,
+        "bootinfo",
+        &["--rootfs", disk.to_str().expect("utf-8")],
+    );
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     let cmdline = out.expect("cmdline");
     assert!(cmdline.contains("root=/dev/vda rw"), "{cmdline:?}");
-    assert!(cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"), "{cmdline:?}");
+    assert!(
+        cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"),
+        "{cmdline:?}"
+    );
     let out = boot_guest(
         Guest::Pvh,
         "bootinfo",
         &["--rootfs", disk.to_str().expect("utf-8"), "--read-only"],
     );
-    assert!(out.expect("cmdline").contains("root=/dev/vda ro"), "{}", out.describe());
+    assert!(
+        out.expect("cmdline").contains("root=/dev/vda ro"),
+        "{}",
+        out.describe()
+    );
 }
 
 #[test]
@@ -64,12 +89,25 @@ fn blk_reads_return_image_bytes() {
     let dir = TempDir::new("blk-read");
     let bytes = pseudo_random((SECTORS * 512) as usize, 0x6b696c6e);
     let disk = image(&dir, &bytes);
-    let out = run_blk("blk-read", &disk, &["--cmdline", &format!("kiln.sectors={SECTORS}")]);
+    let out = run_blk(
+        "blk-read",
+        &disk,
+        &["--cmdline", &format!("kiln.sectors={SECTORS}")],
+    );
     assert_eq!(out.expect("blk.read.status"), "0", "{}", out.describe());
     assert_eq!(out.expect("blk.read.sectors"), SECTORS.to_string());
     let first16: String = bytes[..16].iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(out.expect("blk.read.first16"), first16, "{}", out.describe());
-    assert_eq!(out.expect("blk.read.fnv"), format!("{:#018x}", fnv1a(&bytes)), "whole-disk hash");
+    assert_eq!(
+        out.expect("blk.read.first16"),
+        first16,
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        out.expect("blk.read.fnv"),
+        format!("{:#018x}", fnv1a(&bytes)),
+        "whole-disk hash"
+    );
     assert_eq!(out.expect("blk.ro"), "0");
 }
 
@@ -85,7 +123,10 @@ fn blk_writes_reach_the_host_file() {
     let out = run_blk(
         "blk-write",
         &disk,
-        &["--cmdline", &format!("kiln.sector={first} kiln.sectors={count}")],
+        &[
+            "--cmdline",
+            &format!("kiln.sector={first} kiln.sectors={count}"),
+        ],
     );
     assert_eq!(out.expect("blk.write.status"), "0", "{}", out.describe());
     assert_eq!(out.expect("blk.readback"), "match");
@@ -94,7 +135,11 @@ fn blk_writes_reach_the_host_file() {
     assert_eq!(after.len(), before.len(), "image size changed");
     let (lo, hi) = ((first * 512) as usize, ((first + count) * 512) as usize);
     for (i, (&a, &b)) in after.iter().zip(&before).enumerate() {
-        let want = if (lo..hi).contains(&i) { pattern_byte(i as u64) } else { b };
+        let want = if (lo..hi).contains(&i) {
+            pattern_byte(i as u64)
+        } else {
+            b
+        };
         assert_eq!(a, want, "byte {i} of the image (written range {lo}..{hi})");
     }
 }
@@ -108,15 +153,27 @@ fn blk_read_only_rejects_writes() {
     let disk = image(&dir, &pseudo_random((SECTORS * 512) as usize, 99));
     let digest = sha256(&disk);
     let out = run_blk("blk-ro", &disk, &["--read-only"]);
-    assert_eq!(out.expect("blk.ro"), "1", "VIRTIO_BLK_F_RO must be offered\n{}", out.describe());
+    assert_eq!(
+        out.expect("blk.ro"),
+        "1",
+        "VIRTIO_BLK_F_RO must be offered\n{}",
+        out.describe()
+    );
     assert_eq!(out.expect("blk.read.status"), "0");
     let w = out.expect("blk.write.status");
-    assert!(w == "1" || w == "2", "write to a read-only disk returned status {w}");
+    assert!(
+        w == "1" || w == "2",
+        "write to a read-only disk returned status {w}"
+    );
     assert_eq!(sha256(&disk), digest, "read-only image changed");
     // The same write without --read-only does reach the file (the test is not vacuous).
     let out = run_blk("blk-ro", &disk, &[]);
     assert_eq!(out.expect("blk.write.status"), "0", "{}", out.describe());
-    assert_ne!(sha256(&disk), digest, "a writable image should have changed");
+    assert_ne!(
+        sha256(&disk),
+        digest,
+        "a writable image should have changed"
+    );
 }
 
 #[test]
@@ -128,7 +185,12 @@ fn blk_out_of_range_sectors_fail() {
     let bytes = pseudo_random((SECTORS * 512) as usize, 3);
     let disk = image(&dir, &bytes);
     let out = run_blk("blk-oob", &disk, &[]);
-    assert_eq!(out.expect("blk.oob.last_sector.status"), "0", "{}", out.describe());
+    assert_eq!(
+        out.expect("blk.oob.last_sector.status"),
+        "0",
+        "{}",
+        out.describe()
+    );
     for key in ["at_capacity", "span", "huge", "write"] {
         assert_eq!(
             out.expect(&format!("blk.oob.{key}.status")),
@@ -156,9 +218,18 @@ fn blk_flush_reaches_the_disk() {
     let dir = TempDir::new("blk-flush");
     let disk = image(&dir, &vec![0u8; (SECTORS * 512) as usize]);
     let out = run_blk("blk-flush", &disk, &[]);
-    assert_eq!(out.expect("blk.flush"), "1", "VIRTIO_BLK_F_FLUSH must be offered");
+    assert_eq!(
+        out.expect("blk.flush"),
+        "1",
+        "VIRTIO_BLK_F_FLUSH must be offered"
+    );
     assert_eq!(out.expect("blk.flush.status"), "0", "{}", out.describe());
-    assert_eq!(out.expect("blk.get_id.status"), "0", "GET_ID\n{}", out.describe());
+    assert_eq!(
+        out.expect("blk.get_id.status"),
+        "0",
+        "GET_ID\n{}",
+        out.describe()
+    );
 
     if !strace_works() {
         eprintln!("strace unavailable: checked the FLUSH status only, not the fdatasync");
@@ -179,6 +250,12 @@ fn blk_flush_reaches_the_disk() {
         .expect("running host-vmm under strace");
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     let log = std::fs::read_to_string(&trace).expect("strace log");
-    let syncs = log.lines().filter(|l| l.contains("fdatasync(") || l.contains("fsync(")).count();
-    assert!(syncs >= 1, "no fdatasync/fsync after a guest FLUSH; strace:\n{log}");
+    let syncs = log
+        .lines()
+        .filter(|l| l.contains("fdatasync(") || l.contains("fsync("))
+        .count();
+    assert!(
+        syncs >= 1,
+        "no fdatasync/fsync after a guest FLUSH; strace:\n{log}"
+    );
 }

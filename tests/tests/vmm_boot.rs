@@ -9,11 +9,32 @@ use kiln_tests::require_kvm;
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
 fn assert_clean_exit(out: &VmOutput) {
-    assert_eq!(out.code(), Some(0), "expected a clean exit\n{}", out.describe());
-    assert!(out.saw("marker"), "no marker on the serial console\n{}", out.describe());
-    assert!(out.saw("done"), "guest did not finish its checks\n{}", out.describe());
-    assert!(out.get("error").is_none(), "guest reported an error\n{}", out.describe());
-    assert!(out.get("panic").is_none(), "guest panicked\n{}", out.describe());
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "expected a clean exit\n{}",
+        out.describe()
+    );
+    assert!(
+        out.saw("marker"),
+        "no marker on the serial console\n{}",
+        out.describe()
+    );
+    assert!(
+        out.saw("done"),
+        "guest did not finish its checks\n{}",
+        out.describe()
+    );
+    assert!(
+        out.get("error").is_none(),
+        "guest reported an error\n{}",
+        out.describe()
+    );
+    assert!(
+        out.get("panic").is_none(),
+        "guest panicked\n{}",
+        out.describe()
+    );
 }
 
 fn parse_hex(v: &str) -> u64 {
@@ -26,7 +47,10 @@ fn assert_memory_map(out: &VmOutput, mem_mib: u64) {
     let mem = mem_mib << 20;
     let ram_end = parse_hex(&out.expect("e820.ram_end"));
     assert_eq!(ram_end, mem, "highest RAM address\n{}", out.describe());
-    let ram: u64 = out.expect("e820.ram_bytes").parse().expect("ram_bytes is a number");
+    let ram: u64 = out
+        .expect("e820.ram_bytes")
+        .parse()
+        .expect("ram_bytes is a number");
     // Only the legacy hole below 1 MiB (EBDA, VGA, BIOS) may be missing from RAM.
     assert!(
         ram <= mem && ram >= mem - (1 << 20),
@@ -48,7 +72,11 @@ fn assert_memory_map(out: &VmOutput, mem_mib: u64) {
         .collect();
     ranges.sort();
     for w in ranges.windows(2) {
-        assert!(w[0].1 <= w[1].0, "overlapping e820 entries {w:?}\n{}", out.describe());
+        assert!(
+            w[0].1 <= w[1].0,
+            "overlapping e820 entries {w:?}\n{}",
+            out.describe()
+        );
     }
 }
 
@@ -58,9 +86,18 @@ fn assert_cmdline(out: &VmOutput, mode: &str) {
         cmdline.starts_with(BASE_CMDLINE),
         "command line must start with {BASE_CMDLINE:?}: {cmdline:?}"
     );
-    assert!(cmdline.contains(&format!("kiln.test={mode}")), "user --cmdline missing: {cmdline:?}");
-    assert!(!cmdline.contains("root="), "no rootfs, yet root= present: {cmdline:?}");
-    assert!(!cmdline.contains("virtio_mmio.device="), "no devices expected: {cmdline:?}");
+    assert!(
+        cmdline.contains(&format!("kiln.test={mode}")),
+        "user --cmdline missing: {cmdline:?}"
+    );
+    assert!(
+        !cmdline.contains("root="),
+        "no rootfs, yet root= present: {cmdline:?}"
+    );
+    assert!(
+        !cmdline.contains("virtio_mmio.device="),
+        "no devices expected: {cmdline:?}"
+    );
     assert_eq!(out.expect("cmdline.len"), cmdline.len().to_string());
 }
 
@@ -89,7 +126,11 @@ fn linux64_boot_protocol_values() {
     let out = boot_guest(Guest::Linux64, "bootinfo", &[]);
     assert_clean_exit(&out);
     assert_eq!(out.expect("boot.protocol"), "linux64", "{}", out.describe());
-    assert_eq!(out.expect("boot.info_addr"), "0x7000", "zero page address (RSI)");
+    assert_eq!(
+        out.expect("boot.info_addr"),
+        "0x7000",
+        "zero page address (RSI)"
+    );
     assert_eq!(out.expect("zp.boot_flag"), "0xaa55");
     assert_eq!(out.expect("zp.header"), "HdrS");
     assert_eq!(out.expect("zp.type_of_loader"), "0xff");
@@ -130,14 +171,22 @@ fn assert_cpus(out: &VmOutput, n: u32) {
     assert_eq!(out.expect("mp.enabled_cpus"), n.to_string());
     assert_eq!(out.expect("mp.bsp_apic_id"), "0");
     let ids = (1u64 << n) - 1;
-    assert_eq!(parse_hex(&out.expect("mp.apic_ids")), ids, "APIC ids in the MP table");
+    assert_eq!(
+        parse_hex(&out.expect("mp.apic_ids")),
+        ids,
+        "APIC ids in the MP table"
+    );
     assert_eq!(
         out.expect("smp.cpus_online"),
         n.to_string(),
         "CPUs that checked in after INIT-SIPI-SIPI\n{}",
         out.describe()
     );
-    assert_eq!(parse_hex(&out.expect("smp.ap_apic_ids")), ids & !1, "APs' APIC ids");
+    assert_eq!(
+        parse_hex(&out.expect("smp.ap_apic_ids")),
+        ids & !1,
+        "APs' APIC ids"
+    );
 }
 
 #[test]
@@ -177,7 +226,12 @@ fn triple_fault_exits_two() {
         return;
     }
     let out = boot_guest(Guest::Pvh, "triple-fault", &[]);
-    assert_eq!(out.code(), Some(2), "guest crash must exit 2\n{}", out.describe());
+    assert_eq!(
+        out.code(),
+        Some(2),
+        "guest crash must exit 2\n{}",
+        out.describe()
+    );
     assert_eq!(out.expect("triple-fault"), "now");
     assert!(!out.saw("done"));
 }
@@ -189,7 +243,11 @@ fn guest_panic_is_a_crash() {
     }
     let out = boot_guest(Guest::Linux64, "panic", &[]);
     assert_eq!(out.code(), Some(2), "{}", out.describe());
-    assert!(out.expect("panic").contains("panicked at"), "{}", out.describe());
+    assert!(
+        out.expect("panic").contains("panicked at"),
+        "{}",
+        out.describe()
+    );
 }
 
 #[test]
@@ -199,5 +257,9 @@ fn console_off_hides_guest_output() {
     }
     let out = boot_guest(Guest::Pvh, "marker", &["--console", "off"]);
     assert_eq!(out.code(), Some(0), "{}", out.describe());
-    assert!(!out.stdout.contains("KILN-TEST"), "console off, yet output\n{}", out.describe());
+    assert!(
+        !out.stdout.contains("KILN-TEST"),
+        "console off, yet output\n{}",
+        out.describe()
+    );
 }

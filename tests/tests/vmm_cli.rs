@@ -16,14 +16,39 @@ fn run(args: &[&str]) -> VmOutput {
 
 /// Exit 1, no panic, one stderr line mentioning every `needles` entry (case-insensitive).
 fn assert_user_error(out: &VmOutput, needles: &[&str]) {
-    assert_eq!(out.code(), Some(1), "expected exit status 1\n{}", out.describe());
-    assert!(!out.stderr.contains("panicked"), "host-vmm panicked\n{}", out.describe());
-    assert!(!out.stdout.contains("KILN-TEST"), "a guest ran\n{}", out.describe());
-    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected exactly one error line\n{}", out.describe());
+    assert_eq!(
+        out.code(),
+        Some(1),
+        "expected exit status 1\n{}",
+        out.describe()
+    );
+    assert!(
+        !out.stderr.contains("panicked"),
+        "host-vmm panicked\n{}",
+        out.describe()
+    );
+    assert!(
+        !out.stdout.contains("KILN-TEST"),
+        "a guest ran\n{}",
+        out.describe()
+    );
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected exactly one error line\n{}",
+        out.describe()
+    );
     let line = lines[0].to_lowercase();
     for n in needles {
-        assert!(line.contains(&n.to_lowercase()), "error line does not mention {n:?}: {line:?}");
+        assert!(
+            line.contains(&n.to_lowercase()),
+            "error line does not mention {n:?}: {line:?}"
+        );
     }
 }
 
