@@ -1,6 +1,67 @@
-//! host-vmm binary: thin CLI over the `host_vmm` library.
+//! host-vmm binary: parse the CLI, run the VM, map the outcome to the exit status
+//! (0 clean guest shutdown, 1 host-side or user error, 2 guest crash).
 
-fn main() {
-    eprintln!("host-vmm: not implemented yet");
-    std::process::exit(1);
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use host_vmm::cli::Cli;
+use host_vmm::exit::VmOutcome;
+use host_vmm::vmm::run_vm;
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        msg.push_str(": ");
+        msg.push_str(&e.to_string());
+        source = e.source();
+    }
+    msg
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help / --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("host-vmm: {first} (see --help)");
+            return ExitCode::from(1);
+        }
+    };
+    env_logger::Builder::new()
+        .filter_level(cli.log_level())
+        .parse_default_env()
+        .format(|f, rec| {
+            writeln!(
+                f,
+                "host-vmm: {}: {}",
+                rec.level().as_str().to_lowercase(),
+                rec.args()
+            )
+        })
+        .init();
+
+    match run_vm(&cli.vm_config(), start) {
+        Ok(outcome) => {
+            match &outcome {
+                VmOutcome::GuestShutdown(why) => log::debug!("guest shut down ({why})"),
+                VmOutcome::GuestCrash(why) => eprintln!("host-vmm: guest crashed: {why}"),
+                VmOutcome::HostError(why) => eprintln!("host-vmm: error: {why}"),
+            }
+            ExitCode::from(outcome.exit_code())
+        }
+        Err(e) => {
+            eprintln!("host-vmm: error: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
 }

@@ -127,7 +127,8 @@ mod tests {
     #[test]
     fn dispatch_by_range_and_offset() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 0x10)
+            .unwrap();
         let mut b = [0u8; 1];
         assert!(bus.read(0x103, &mut b));
         assert_eq!(b[0], 13);
@@ -141,11 +142,18 @@ mod tests {
     #[test]
     fn rejects_overlap_and_bad_ranges() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(0))), 0x100, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(0))), 0x100, 0x10)
+            .unwrap();
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x10f, 1).is_err());
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0xf8, 0x9).is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(0))), 0xf8, 0x9)
+            .is_err());
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x0, 0).is_err());
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), u64::MAX, 2).is_err());
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x110, 0x10).is_ok());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(0))), u64::MAX, 2)
+            .is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(0))), 0x110, 0x10)
+            .is_ok());
     }
 }

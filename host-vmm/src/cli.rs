@@ -1,0 +1,159 @@
+//! Command-line interface of the `host-vmm` binary (clap), turned into a [`VmConfig`].
+//!
+//! Parsing is here rather than in `main.rs` so it is unit-tested. Range and file checks live in
+//! [`VmConfig::validate`] so library users get them too. Issue 3 will add `--vsock-uds PATH`,
+//! `--cid N` and a trailing `-- CMD...`; they are not accepted yet.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+use crate::boot::BootProtocolChoice;
+use crate::vmm::VmConfig;
+
+/// `--console`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConsoleArg {
+    /// Guest console on stdout, stdin forwarded to the guest.
+    On,
+    /// Serial device kept, output discarded, `quiet` added to the command line.
+    Off,
+}
+
+/// `--boot-protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BootProtocolArg {
+    /// PVH when the kernel has the PVH note, else the Linux 64-bit protocol.
+    Auto,
+    /// PVH (32-bit entry, `hvm_start_info`); fails if the kernel has no PVH note.
+    Pvh,
+    /// Linux 64-bit boot protocol (zero page, long mode).
+    Linux64,
+}
+
+/// kiln's VMM: boots one microVM on KVM.
+#[derive(Debug, Parser)]
+#[command(name = "host-vmm", version)]
+pub struct Cli {
+    /// Guest kernel: ELF vmlinux or bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Root disk image, attached as /dev/vda (virtio-blk).
+    #[arg(long, value_name = "PATH")]
+    pub rootfs: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub mem_mib: u64,
+    /// Number of vCPUs (1-32).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u32,
+    /// Extra kernel command-line options, appended last.
+    #[arg(long, value_name = "EXTRA", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+    /// Open the rootfs read-only and mount it `ro`.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Guest console on stdout.
+    #[arg(long, value_enum, default_value_t = ConsoleArg::On)]
+    pub console: ConsoleArg,
+    /// Boot protocol.
+    #[arg(long, value_enum, default_value_t = BootProtocolArg::Auto)]
+    pub boot_protocol: BootProtocolArg,
+    /// More logging on stderr (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl Cli {
+    /// The VM configuration the arguments describe (not yet validated).
+    pub fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel.clone(),
+            rootfs: self.rootfs.clone(),
+            read_only: self.read_only,
+            mem_mib: self.mem_mib,
+            vcpus: self.vcpus,
+            extra_cmdline: self.cmdline.clone(),
+            console: self.console == ConsoleArg::On,
+            boot_protocol: match self.boot_protocol {
+                BootProtocolArg::Auto => BootProtocolChoice::Auto,
+                BootProtocolArg::Pvh => BootProtocolChoice::Pvh,
+                BootProtocolArg::Linux64 => BootProtocolChoice::Linux64,
+            },
+        }
+    }
+
+    /// Log level for `-v` count.
+    pub fn log_level(&self) -> log::LevelFilter {
+        match self.verbose {
+            0 => log::LevelFilter::Info,
+            1 => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Trace,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("host-vmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--kernel", "k"]).unwrap().vm_config();
+        assert_eq!(
+            (c.mem_mib, c.vcpus, c.console, c.read_only),
+            (128, 1, true, false)
+        );
+        assert_eq!(c.boot_protocol, BootProtocolChoice::Auto);
+        assert!(c.rootfs.is_none() && c.extra_cmdline.is_none());
+    }
+
+    #[test]
+    fn all_options() {
+        let cli = parse(&[
+            "--kernel",
+            "k",
+            "--rootfs",
+            "r.img",
+            "--mem-mib",
+            "512",
+            "--vcpus",
+            "4",
+            "--cmdline",
+            "-- init=/x",
+            "--read-only",
+            "--console",
+            "off",
+            "--boot-protocol",
+            "linux64",
+            "-vv",
+        ])
+        .unwrap();
+        assert_eq!(cli.log_level(), log::LevelFilter::Trace);
+        let c = cli.vm_config();
+        assert_eq!(c.rootfs.as_deref(), Some(std::path::Path::new("r.img")));
+        assert_eq!(
+            (c.mem_mib, c.vcpus, c.read_only, c.console),
+            (512, 4, true, false)
+        );
+        assert_eq!(c.extra_cmdline.as_deref(), Some("-- init=/x"));
+        assert_eq!(c.boot_protocol, BootProtocolChoice::Linux64);
+    }
+
+    #[test]
+    fn parse_errors() {
+        assert!(parse(&[]).is_err(), "--kernel is required");
+        assert!(parse(&["--kernel", "k", "--mem-mib", "lots"]).is_err());
+        assert!(parse(&["--kernel", "k", "--console", "maybe"]).is_err());
+        assert!(parse(&["--kernel", "k", "--boot-protocol", "uefi"]).is_err());
+        // Out-of-range numbers parse; VmConfig::validate rejects them with one clear line.
+        assert_eq!(
+            parse(&["--kernel", "k", "--vcpus", "99"]).unwrap().vcpus,
+            99
+        );
+    }
+}
