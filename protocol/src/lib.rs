@@ -12,6 +12,7 @@
 //! - [`handshake`]: the Hello / Attach version check for both sides.
 //! - [`messages`]: every frame body ([`HostMessage`], [`AgentMessage`]) and what they carry.
 //! - [`spec`]: [`ContainerSpec`], the self-contained subset of the OCI runtime spec.
+//! - `oci` (feature `oci`): conversion from `oci_spec::runtime::Spec` to [`ContainerSpec`].
 //!
 //! This crate owns the wire format. It never interprets a spec (that is guest-init's job) and
 //! never touches a VM.
@@ -21,6 +22,8 @@ pub mod client;
 pub mod codec;
 pub mod handshake;
 pub mod messages;
+#[cfg(feature = "oci")]
+pub mod oci;
 pub mod spec;
 pub mod transport;
 
