@@ -1,0 +1,244 @@
+//! Moving a process's stdio between its pipes (or pty) and attached stdio connections.
+//!
+//! Output ([`OutStream`]): one pump thread per stream reads the pipe from the moment the process
+//! starts. Until a connection attaches, output is kept (up to [`PENDING_LIMIT`], then the pump
+//! stops reading and the process blocks on a full pipe, as it would on a slow terminal). At end of
+//! output the attached connection is flushed and shut down for writing; only then is the stream
+//! `done`, which the process table waits for before it reports the exit.
+//!
+//! Input ([`StdinSlot`]): an attached connection is copied into the pipe until it ends or
+//! `CloseStdin` arrives; either closes the process's stdin.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// Output kept for a stream nobody has attached to yet.
+pub const PENDING_LIMIT: usize = 256 * 1024;
+
+const CHUNK: usize = 64 * 1024;
+
+/// Attaching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// Someone already attached to this stream.
+    #[error("stream already attached")]
+    AlreadyAttached,
+    /// Stdin was already closed.
+    #[error("stdin already closed")]
+    Closed,
+}
+
+/// Shuts down one direction of a socket given as a file (ignoring errors: the peer may be gone).
+pub fn shutdown(f: &File, how: Shutdown) {
+    let how = match how {
+        Shutdown::Read => libc::SHUT_RD,
+        Shutdown::Write => libc::SHUT_WR,
+        Shutdown::Both => libc::SHUT_RDWR,
+    };
+    // SAFETY: shutdown on a descriptor we own; fails harmlessly if it is not a socket.
+    unsafe { libc::shutdown(f.as_raw_fd(), how) };
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Default)]
+struct OutState {
+    pending: Vec<u8>,
+    sink: Option<File>,
+    attached: bool,
+    /// The pump owns the sink right now (writing without the lock).
+    writing: bool,
+    eof: bool,
+    done: bool,
+}
+
+/// One output stream (stdout, stderr, or a pty's output).
+pub struct OutStream {
+    state: Mutex<OutState>,
+    cond: Condvar,
+    on_done: Box<dyn Fn() + Send + Sync>,
+}
+
+impl OutStream {
+    /// Starts the pump thread on `source`; `on_done` runs once all output is delivered.
+    pub fn start(
+        name: String,
+        source: OwnedFd,
+        on_done: Box<dyn Fn() + Send + Sync>,
+    ) -> std::io::Result<Arc<OutStream>> {
+        let stream = Arc::new(OutStream {
+            state: Mutex::new(OutState::default()),
+            cond: Condvar::new(),
+            on_done,
+        });
+        let pump = stream.clone();
+        std::thread::Builder::new()
+            .name(name)
+            .stack_size(64 * 1024)
+            .spawn(move || pump.pump(File::from(source)))?;
+        Ok(stream)
+    }
+
+    /// Whether all output reached its connection (or there was none attached at the end).
+    pub fn is_done(&self) -> bool {
+        lock(&self.state).done
+    }
+
+    fn pump(&self, mut source: File) {
+        let mut chunk = vec![0u8; CHUNK];
+        loop {
+            let n = match source.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // EIO: the pty's last slave descriptor closed.
+                Err(_) => break,
+            };
+            self.deliver(&chunk[..n]);
+        }
+        drop(source);
+        let mut st = lock(&self.state);
+        st.eof = true;
+        // Without a sink the pending output stays for a late attach.
+        if let Some(mut sink) = st.sink.take() {
+            let pending = std::mem::take(&mut st.pending);
+            drop(st);
+            let _ = sink.write_all(&pending);
+            shutdown(&sink, Shutdown::Write);
+        } else {
+            drop(st);
+        }
+        lock(&self.state).done = true;
+        (self.on_done)();
+    }
+
+    fn deliver(&self, data: &[u8]) {
+        let mut st = lock(&self.state);
+        loop {
+            if let Some(mut sink) = st.sink.take() {
+                st.writing = true;
+                let pending = std::mem::take(&mut st.pending);
+                drop(st);
+                let ok = sink.write_all(&pending).and_then(|_| sink.write_all(data));
+                st = lock(&self.state);
+                st.writing = false;
+                if ok.is_ok() {
+                    st.sink = Some(sink);
+                }
+                // On error the reader went away: later output is dropped (attached stays set).
+                return;
+            }
+            if st.attached {
+                return; // attached once, connection gone: discard
+            }
+            if st.pending.len() + data.len() <= PENDING_LIMIT {
+                st.pending.extend_from_slice(data);
+                return;
+            }
+            st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Attaches a connection. Output kept so far is written first.
+    pub fn attach(&self, mut conn: File) -> Result<(), AttachError> {
+        let mut st = lock(&self.state);
+        if st.attached {
+            return Err(AttachError::AlreadyAttached);
+        }
+        st.attached = true;
+        if st.eof {
+            let pending = std::mem::take(&mut st.pending);
+            drop(st);
+            let _ = conn.write_all(&pending);
+            shutdown(&conn, Shutdown::Write);
+            return Ok(());
+        }
+        st.sink = Some(conn);
+        self.cond.notify_all();
+        Ok(())
+    }
+}
+
+struct StdinState {
+    target: Option<File>,
+    attached: bool,
+    closed: bool,
+    /// A duplicate of the attached connection, to end its copier on CloseStdin.
+    conn: Option<File>,
+}
+
+/// The process's stdin (pipe write end or pty master duplicate).
+pub struct StdinSlot {
+    state: Mutex<StdinState>,
+    /// For a pty, closing stdin sends the EOF character instead of closing the descriptor.
+    pty: bool,
+}
+
+impl StdinSlot {
+    /// Wraps the write side of a process's stdin.
+    pub fn new(target: OwnedFd, pty: bool) -> Arc<StdinSlot> {
+        Arc::new(StdinSlot {
+            state: Mutex::new(StdinState {
+                target: Some(File::from(target)),
+                attached: false,
+                closed: false,
+                conn: None,
+            }),
+            pty,
+        })
+    }
+
+    /// Starts copying `conn` into stdin on a new thread.
+    pub fn attach(self: &Arc<Self>, mut conn: File) -> Result<(), AttachError> {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return Err(AttachError::Closed);
+        }
+        if st.attached {
+            return Err(AttachError::AlreadyAttached);
+        }
+        let Some(mut target) = st.target.take() else {
+            return Err(AttachError::Closed);
+        };
+        st.attached = true;
+        st.conn = conn.try_clone().ok();
+        drop(st);
+        let slot = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("stdin".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let _ = std::io::copy(&mut conn, &mut target);
+                if slot.pty {
+                    let _ = target.write_all(&[4]);
+                }
+                drop(target);
+                let mut st = lock(&slot.state);
+                st.closed = true;
+                st.conn = None;
+            });
+        if spawned.is_err() {
+            lock(&self.state).closed = true;
+        }
+        Ok(())
+    }
+
+    /// Closes stdin: at once if nobody is attached, else by ending the attached copier.
+    pub fn close(&self) {
+        let mut st = lock(&self.state);
+        st.closed = true;
+        if let Some(mut target) = st.target.take() {
+            if self.pty {
+                let _ = target.write_all(&[4]);
+            }
+        }
+        if let Some(conn) = st.conn.take() {
+            shutdown(&conn, Shutdown::Read);
+        }
+    }
+}
