@@ -3,7 +3,7 @@
 //! A self-contained subset of the OCI runtime spec: everything guest-init needs to set up and run
 //! a container, and nothing that only makes sense on the host (hooks, the bundle path, host-side
 //! annotations). The host (the `kiln` runtime or `host-vmm --`) builds it; with the `oci` feature
-//! [`crate::oci`] converts an `oci_spec::runtime::Spec`.
+//! `crate::oci` converts an `oci_spec::runtime::Spec`.
 //!
 //! This module owns only data. Validation of untrusted values (paths, limits) is the agent's job.
 //!
