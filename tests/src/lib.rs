@@ -9,6 +9,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 pub mod guests;
+pub mod images;
+pub mod kernel;
 
 /// Root of the cargo workspace.
 pub fn workspace_root() -> PathBuf {
