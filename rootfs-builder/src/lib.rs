@@ -117,3 +117,6 @@ pub struct BuiltImage {
     /// The image configuration, for OCI and docker inputs built now (not on cache hits).
     pub config: Option<ImageConfig>,
 }
+
+#[cfg(test)]
+mod tests;

@@ -161,7 +161,7 @@ pub fn make_ext4(
 pub fn make_erofs(staging: &Path, image: &Path, compression: Option<&str>) -> Result<u64> {
     let _ = fs::remove_file(image);
     let mut cmd = Command::new("mkfs.erofs");
-    cmd.arg("--quiet").arg("-Lkiln-rootfs");
+    cmd.arg("-d1");
     if let Some(c) = compression {
         cmd.arg(format!("-z{c}"));
     }
