@@ -179,8 +179,17 @@ impl MmioTransport {
             queues: &mut self.queues,
             interrupt: &self.interrupt,
         });
-        if let Err(e) = self.device.process_host_event(ctx) {
-            self.device_broken(&e);
+        match self.device.process_host_event(ctx) {
+            Ok(Processed::Done) => {}
+            Ok(Processed::MoreWork) => {
+                // The device stopped at its budget: come back through the queue handlers.
+                for (i, evt) in self.queue_evts.iter().enumerate() {
+                    if let Err(e) = evt.write(1) {
+                        log::error!("virtio: re-arming queue {i} failed: {e}");
+                    }
+                }
+            }
+            Err(e) => self.device_broken(&e),
         }
     }
 

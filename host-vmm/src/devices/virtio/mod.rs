@@ -18,6 +18,7 @@ pub mod chain;
 pub mod mmio;
 #[cfg(test)]
 mod test_driver;
+pub mod vsock;
 
 use std::io;
 use std::os::fd::RawFd;
@@ -30,6 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockError};
 pub use mmio::{MmioTransport, MMIO_LEN};
+pub use vsock::{Vsock, VsockError};
 
 /// Feature bit: the device conforms to virtio 1.0 or later (required by this transport).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -182,7 +184,8 @@ pub trait VirtioDevice: Send {
         None
     }
     /// Handles readiness of [`VirtioDevice::host_event_fd`]. `ctx` is `None` while the driver
-    /// has not activated the device.
+    /// has not activated the device. [`Processed::MoreWork`] makes the transport re-arm every
+    /// queue notification so the device is called again through [`VirtioDevice::process_queue`].
     fn process_host_event(
         &mut self,
         ctx: Option<QueueContext<'_>>,
