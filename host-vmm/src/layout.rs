@@ -66,6 +66,11 @@ pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Last IRQ line of the I/O APIC (24 pins).
 pub const IRQ_MAX: u32 = 23;
 
+// The boot stack sits between the zero page and the page tables; the MP table below 1 MiB.
+const _: () =
+    assert!(BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000 && BOOT_STACK_POINTER < PML4_START);
+const _: () = assert!(MPTABLE_LIMIT <= HIMEM_START);
+
 /// Guest physical address of virtio-mmio device `index`.
 pub fn virtio_mmio_base(index: usize) -> u64 {
     MMIO_DEVICES_START + index as u64 * MMIO_DEVICE_LEN
@@ -104,8 +109,6 @@ mod tests {
                 w[1]
             );
         }
-        assert!(BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000 && BOOT_STACK_POINTER < PML4_START);
-        assert!(MPTABLE_LIMIT <= HIMEM_START);
     }
 
     #[test]

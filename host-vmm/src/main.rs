@@ -31,9 +31,15 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
+            // clap's message spans several lines (the problem, then usage); keep the problem
+            // part on one line.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("host-vmm: {first} (see --help)");
+            let problem: Vec<&str> = rendered
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("host-vmm: {} (see --help)", problem.join(" "));
             return ExitCode::from(1);
         }
     };

@@ -232,13 +232,24 @@ fn stop_vcpus(exit: &ExitHandle, handles: Vec<JoinHandle<()>>) {
 /// the boot-timer log line. Returns how the guest ended; `Err` only for host-side failures
 /// before the guest ran.
 pub fn run_vm(config: &VmConfig, start: Instant) -> Result<VmOutcome, VmmError> {
+    let mark = |what: &str| {
+        let t = start.elapsed();
+        log::debug!(
+            "boot path: {what} at {}.{:03} ms",
+            t.as_micros() / 1000,
+            t.as_micros() % 1000
+        );
+    };
     config.validate()?;
     let vcpus = config.vcpus as u8;
     let vm = Vm::new()?;
+    mark("VM created");
     let mem_bytes = config.mem_mib << 20;
     let mem = create_guest_memory(config.mem_mib)?;
     vm.register_memory(&mem)?;
+    mark("guest memory registered");
     let kernel = boot::load_kernel(&mem, mem_bytes, &config.kernel, config.boot_protocol)?;
+    mark("kernel loaded");
     log::debug!(
         "kernel entry {:#x}, protocol {:?}",
         kernel.entry,
@@ -293,6 +304,7 @@ pub fn run_vm(config: &VmConfig, start: Instant) -> Result<VmOutcome, VmmError> 
     .map_err(BootError::from)?;
     log::debug!("kernel command line: {cmdline}");
     boot::write_boot_structures(&mem, mem_bytes, &kernel, &cmdline, vcpus)?;
+    mark("devices and boot structures ready");
 
     let cpuid = vm.supported_cpuid()?;
     let mut vcpu_fds = Vec::with_capacity(usize::from(vcpus));
@@ -302,6 +314,7 @@ pub fn run_vm(config: &VmConfig, start: Instant) -> Result<VmOutcome, VmmError> 
         configure_vcpu(&fd, id, vcpus, &cpuid, boot)?;
         vcpu_fds.push(fd);
     }
+    mark("vCPUs configured");
     register_kick_handler()?;
     let mut event_loop = EventLoop::new(exit.clone(), serial.clone(), virtio, config.console)
         .map_err(|e| VmmError::Io("event loop", e))?;
@@ -324,6 +337,7 @@ pub fn run_vm(config: &VmConfig, start: Instant) -> Result<VmOutcome, VmmError> 
         }
     }
 
+    mark("vCPU threads started");
     if let Err(e) = event_loop.run() {
         exit.request(VmOutcome::HostError(format!("event loop failed: {e}")));
     }

@@ -61,14 +61,13 @@ pub enum BootError {
         /// Kernel path.
         path: PathBuf,
     },
-    /// linux-loader rejected the image.
-    #[error("kernel {}: cannot load the image", path.display())]
+    /// linux-loader rejected the image (`reason` is its most specific message).
+    #[error("kernel {}: cannot load the image: {reason}", path.display())]
     Load {
         /// Kernel path.
         path: PathBuf,
-        /// Underlying error.
-        #[source]
-        source: linux_loader::loader::Error,
+        /// What linux-loader reported.
+        reason: String,
     },
     /// The image does not fit in guest RAM below the MMIO gap.
     #[error("kernel {}: image ends at {end:#x}, beyond guest RAM ({ram:#x}); use a larger --mem-mib", path.display())]
@@ -138,6 +137,28 @@ fn sniff_image(file: &mut File) -> std::io::Result<Option<ImageKind>> {
     Ok(None)
 }
 
+/// linux-loader nests errors whose messages repeat each other ("Kernel Loader: ..."): keep the
+/// most specific one, and hint at the usual cause of a failed copy into guest memory.
+fn loader_reason(err: &linux_loader::loader::Error, mem_bytes: u64) -> String {
+    use linux_loader::loader::{bzimage, elf, Error};
+    let inner = match err {
+        Error::Elf(e) => e.to_string(),
+        Error::Bzimage(e) => e.to_string(),
+        e => e.to_string(),
+    };
+    let msg = inner.trim_start_matches("Kernel Loader: ");
+    match err {
+        Error::Elf(elf::Error::ReadKernelImage)
+        | Error::Bzimage(bzimage::Error::ReadBzImageCompressedKernel) => {
+            format!(
+                "{msg} (does it fit in {} MiB of guest memory?)",
+                mem_bytes >> 20
+            )
+        }
+        _ => msg.to_string(),
+    }
+}
+
 /// Loads the kernel at `path` into `mem` and picks the boot protocol.
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
@@ -156,9 +177,9 @@ pub fn load_kernel(
             path: path.to_owned(),
         })?;
     let himem = Some(GuestAddress(HIMEM_START));
-    let load_err = |source| BootError::Load {
+    let load_err = |e: linux_loader::loader::Error| BootError::Load {
         path: path.to_owned(),
-        source,
+        reason: loader_reason(&e, mem_bytes),
     };
     let result = match kind {
         ImageKind::Elf => Elf::load(mem, None, &mut file, himem).map_err(load_err)?,

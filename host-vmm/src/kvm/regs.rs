@@ -274,9 +274,11 @@ mod tests {
 
     #[test]
     fn pvh_sregs_are_flat_protected_mode() {
-        let mut reset = kvm_sregs::default();
-        reset.cr4 = 0x20;
-        reset.efer = 0x500;
+        let reset = kvm_sregs {
+            cr4: 0x20,
+            efer: 0x500,
+            ..Default::default()
+        };
         let s = boot_sregs(reset, BootProtocol::Pvh);
         assert_eq!((s.cr0, s.cr4, s.efer), (X86_CR0_PE | X86_CR0_ET, 0, 0));
         assert_eq!((s.cs.db, s.cs.l, s.cs.limit), (1, 0, 0xffff_ffff));
