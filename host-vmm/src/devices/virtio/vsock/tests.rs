@@ -602,3 +602,43 @@ fn bulk_guest_to_host_with_credit_updates() {
     assert!(got == data, "payload corrupted");
     assert!(stalls > 0, "the test should exhaust credit at least once");
 }
+
+#[test]
+fn random_guest_packets_never_panic() {
+    let mut g = guest();
+    let _listener = UnixListener::bind(format!("{}_1", g.uds.display())).unwrap();
+    let mut seed = 0x853c_49e6_748f_ea9bu64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let payload = vec![0x5au8; 0x300];
+    for _ in 0..3000 {
+        let v = next();
+        let mut h = hdr(
+            (v % 9) as u16,
+            (v >> 8) as u32 % 4,
+            (v >> 16) as u32 % 3,
+            [0, 1, 16, 0x300, 0x10000, u32::MAX][(v >> 24) as usize % 6],
+        );
+        h.flags = (v >> 32) as u32 % 4;
+        h.buf_alloc = [0, 1, 4096, u32::MAX][(v >> 36) as usize % 4];
+        h.fwd_cnt = (v >> 40) as u32;
+        if v & (1 << 50) != 0 {
+            h.src_cid = 9;
+        }
+        let plen = (h.len as usize).min(payload.len());
+        let desc_len = (HDR_LEN + plen) as u32 - ((v >> 52) as u32 % 3);
+        g.send_raw(&h.to_bytes(), &payload[..plen], desc_len);
+        if v & (1 << 60) != 0 {
+            g.top_up_rx(32);
+        }
+        if v & (1 << 61) != 0 {
+            g.host_event();
+        }
+        g.recv();
+        assert_eq!(g.t.device_status() & status::NEEDS_RESET, 0);
+    }
+}
