@@ -4,7 +4,10 @@
 //!
 //! Streams are registered edge-triggered: an event only sets a connection's readable/writable
 //! flag, and the connection reads when the guest has credit and rx buffers. So the epoll fd never
-//! stays ready for data we cannot deliver yet, and the VMM loop never spins.
+//! stays ready for data we cannot deliver yet, and the VMM loop never spins. Each registration
+//! carries a fresh token rather than the fd number, so a recycled fd cannot be mistaken for an
+//! older stream. A timerfd in the same epoll set closes host-initiated connections the guest
+//! never answered.
 //!
 //! It owns no virtqueue: the device hands it parsed guest packets and asks it for the next packet
 //! to deliver. Memory per connection is bounded by the credit we advertise.
@@ -15,9 +18,11 @@ use std::ops::Bound;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{ConnState, Connection};
 use super::handshake::HandshakeParser;
@@ -30,7 +35,10 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const MAX_PENDING_RST: usize = 256;
 /// First host port handed to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// How long the guest has to answer a host-initiated REQUEST.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const LISTENER_TOKEN: u64 = u64::MAX;
+const TIMER_TOKEN: u64 = u64::MAX - 1;
 
 /// (host port, guest port).
 type ConnKey = (u32, u32);
@@ -42,13 +50,21 @@ pub struct VsockMuxer {
     listener: UnixListener,
     epoll: Epoll,
     conns: BTreeMap<ConnKey, Connection<UnixStream>>,
-    /// Which connection an fd belongs to.
-    fd_conn: HashMap<RawFd, ConnKey>,
-    handshakes: HashMap<RawFd, (UnixStream, HandshakeParser)>,
+    /// Epoll token of each connection's stream, and the reverse.
+    conn_token: HashMap<ConnKey, u64>,
+    token_conn: HashMap<u64, ConnKey>,
+    /// Host clients that have not finished `CONNECT <port>\n`, by epoll token.
+    handshakes: HashMap<u64, (UnixStream, HandshakeParser)>,
+    next_token: u64,
     pending_rst: VecDeque<Header>,
     /// Round-robin position for rx.
     last_served: Option<ConnKey>,
     next_local_port: u32,
+    timer: TimerFd,
+    timer_armed: bool,
+    request_timeout: Duration,
+    /// REQUESTs sent to the guest and not answered yet, with their deadlines.
+    awaiting_response: HashMap<ConnKey, Instant>,
 }
 
 impl VsockMuxer {
@@ -59,17 +75,25 @@ impl VsockMuxer {
             source,
         })?;
         let epoll = Epoll::new().map_err(VsockError::Epoll)?;
+        let timer = TimerFd::new()
+            .map_err(|e| VsockError::Epoll(io::Error::from_raw_os_error(e.errno())))?;
         let mux = Self {
             guest_cid,
             uds_path: uds_path.to_owned(),
             listener,
             epoll,
             conns: BTreeMap::new(),
-            fd_conn: HashMap::new(),
+            conn_token: HashMap::new(),
+            token_conn: HashMap::new(),
             handshakes: HashMap::new(),
+            next_token: 0,
             pending_rst: VecDeque::new(),
             last_served: None,
             next_local_port: FIRST_LOCAL_PORT,
+            timer,
+            timer_armed: false,
+            request_timeout: REQUEST_TIMEOUT,
+            awaiting_response: HashMap::new(),
         };
         mux.listener
             .set_nonblocking(true)
@@ -79,6 +103,13 @@ impl VsockMuxer {
                 ControlOperation::Add,
                 mux.listener.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+            )
+            .map_err(VsockError::Epoll)?;
+        mux.epoll
+            .ctl(
+                ControlOperation::Add,
+                mux.timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TIMER_TOKEN),
             )
             .map_err(VsockError::Epoll)?;
         Ok(mux)
@@ -105,24 +136,35 @@ impl VsockMuxer {
         for key in keys {
             self.remove(key);
         }
-        let fds: Vec<_> = self.handshakes.keys().copied().collect();
-        for fd in fds {
-            self.drop_handshake(fd);
+        let tokens: Vec<_> = self.handshakes.keys().copied().collect();
+        for token in tokens {
+            self.drop_handshake(token);
         }
         self.pending_rst.clear();
         self.last_served = None;
+        self.awaiting_response.clear();
+        self.disarm_timer();
+    }
+
+    /// Changes how long the guest has to answer a host-initiated REQUEST.
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.request_timeout = timeout;
     }
 
     fn stream_events() -> EventSet {
         EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED
     }
 
-    fn watch(&self, fd: RawFd, events: EventSet) -> io::Result<()> {
+    /// Adds `fd` to the epoll set under a new token.
+    fn watch(&mut self, fd: RawFd) -> io::Result<u64> {
+        let token = self.next_token;
+        self.next_token += 1;
         self.epoll.ctl(
             ControlOperation::Add,
             fd,
-            EpollEvent::new(events, fd as u64),
-        )
+            EpollEvent::new(Self::stream_events(), token),
+        )?;
+        Ok(token)
     }
 
     fn unwatch(&self, fd: RawFd) {
@@ -134,17 +176,25 @@ impl VsockMuxer {
         }
     }
 
-    fn remove(&mut self, key: ConnKey) {
-        if let Some(conn) = self.conns.remove(&key) {
-            let fd = conn.stream().as_raw_fd();
-            self.unwatch(fd);
-            self.fd_conn.remove(&fd);
-        }
+    fn insert(&mut self, key: ConnKey, token: u64, conn: Connection<UnixStream>) {
+        self.conns.insert(key, conn);
+        self.conn_token.insert(key, token);
+        self.token_conn.insert(token, key);
     }
 
-    fn drop_handshake(&mut self, fd: RawFd) {
-        if self.handshakes.remove(&fd).is_some() {
-            self.unwatch(fd);
+    fn remove(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.remove(&key) {
+            self.unwatch(conn.stream().as_raw_fd());
+        }
+        if let Some(token) = self.conn_token.remove(&key) {
+            self.token_conn.remove(&token);
+        }
+        self.awaiting_response.remove(&key);
+    }
+
+    fn drop_handshake(&mut self, token: u64) {
+        if let Some((stream, _)) = self.handshakes.remove(&token) {
+            self.unwatch(stream.as_raw_fd());
         }
     }
 
@@ -181,6 +231,9 @@ impl VsockMuxer {
         let key = (hdr.dst_port, hdr.src_port);
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.recv_from_guest(hdr, payload);
+            if conn.state() != ConnState::LocalInit {
+                self.awaiting_response.remove(&key);
+            }
             self.remove_if_finished(key);
             return;
         }
@@ -214,15 +267,16 @@ impl VsockMuxer {
                 return;
             }
         };
-        let fd = stream.as_raw_fd();
-        if let Err(e) = self.watch(fd, Self::stream_events()) {
-            log::error!("vsock: epoll add failed: {e}");
-            self.queue_rst(req);
-            return;
-        }
-        self.fd_conn.insert(fd, key);
-        self.conns
-            .insert(key, Connection::new_peer(stream, self.guest_cid, req));
+        let token = match self.watch(stream.as_raw_fd()) {
+            Ok(t) => t,
+            Err(e) => {
+                log::error!("vsock: epoll add failed: {e}");
+                self.queue_rst(req);
+                return;
+            }
+        };
+        let conn = Connection::new_peer(stream, self.guest_cid, req);
+        self.insert(key, token, conn);
     }
 
     /// Drains the internal epoll fd (without blocking) and acts on every event.
@@ -243,14 +297,14 @@ impl VsockMuxer {
             }
             for ev in &events[..n] {
                 let set = ev.event_set();
-                if ev.data() == LISTENER_TOKEN {
+                let token = ev.data();
+                if token == LISTENER_TOKEN {
                     self.accept_all();
-                    continue;
-                }
-                let fd = ev.data() as RawFd;
-                if self.handshakes.contains_key(&fd) {
-                    self.advance_handshake(fd);
-                } else if let Some(&key) = self.fd_conn.get(&fd) {
+                } else if token == TIMER_TOKEN {
+                    self.expire_requests();
+                } else if self.handshakes.contains_key(&token) {
+                    self.advance_handshake(token);
+                } else if let Some(&key) = self.token_conn.get(&token) {
                     if let Some(conn) = self.conns.get_mut(&key) {
                         conn.on_host_event(
                             set.intersects(EventSet::IN | EventSet::READ_HANG_UP),
@@ -277,15 +331,18 @@ impl VsockMuxer {
                         log::error!("vsock: cannot make host client nonblocking: {e}");
                         continue;
                     }
-                    let fd = stream.as_raw_fd();
-                    if let Err(e) = self.watch(fd, Self::stream_events()) {
-                        log::error!("vsock: epoll add failed: {e}");
-                        continue;
-                    }
-                    self.handshakes.insert(fd, (stream, HandshakeParser::new()));
+                    let token = match self.watch(stream.as_raw_fd()) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            log::error!("vsock: epoll add failed: {e}");
+                            continue;
+                        }
+                    };
+                    self.handshakes
+                        .insert(token, (stream, HandshakeParser::new()));
                     // Bytes may already be there; the edge was reported on add, but read now
                     // anyway so a client that sent everything at once is not missed.
-                    self.advance_handshake(fd);
+                    self.advance_handshake(token);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -298,15 +355,15 @@ impl VsockMuxer {
     }
 
     /// Reads the handshake one byte at a time, so no connection data is consumed with it.
-    fn advance_handshake(&mut self, fd: RawFd) {
-        let Some((stream, parser)) = self.handshakes.get_mut(&fd) else {
+    fn advance_handshake(&mut self, token: u64) {
+        let Some((stream, parser)) = self.handshakes.get_mut(&token) else {
             return;
         };
         let port = loop {
             let mut byte = [0u8; 1];
             match stream.read(&mut byte) {
                 Ok(0) => {
-                    self.drop_handshake(fd);
+                    self.drop_handshake(token);
                     return;
                 }
                 Ok(_) => match parser.push(byte[0]) {
@@ -314,7 +371,7 @@ impl VsockMuxer {
                     Ok(Some(port)) => break port,
                     Err(e) => {
                         log::debug!("vsock: host client handshake refused: {e}");
-                        self.drop_handshake(fd);
+                        self.drop_handshake(token);
                         return;
                     }
                 },
@@ -322,21 +379,63 @@ impl VsockMuxer {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     log::debug!("vsock: host client read failed: {e}");
-                    self.drop_handshake(fd);
+                    self.drop_handshake(token);
                     return;
                 }
             }
         };
-        let Some((stream, _)) = self.handshakes.remove(&fd) else {
+        let Some((stream, _)) = self.handshakes.remove(&token) else {
             return;
         };
         let local_port = self.allocate_local_port(port);
-        let key = (local_port, port);
-        self.fd_conn.insert(fd, key);
-        self.conns.insert(
-            key,
-            Connection::new_local(stream, self.guest_cid, local_port, port),
-        );
+        let conn = Connection::new_local(stream, self.guest_cid, local_port, port);
+        self.insert((local_port, port), token, conn);
+    }
+
+    /// Starts the clock for a REQUEST that just went to the guest.
+    fn await_response(&mut self, key: ConnKey) {
+        self.awaiting_response
+            .insert(key, Instant::now() + self.request_timeout);
+        if !self.timer_armed {
+            let period =
+                (self.request_timeout / 2).clamp(Duration::from_millis(1), Duration::from_secs(1));
+            match self.timer.reset(period, Some(period)) {
+                Ok(()) => self.timer_armed = true,
+                Err(e) => log::error!("vsock: arming the request timer failed: {e}"),
+            }
+        }
+    }
+
+    fn disarm_timer(&mut self) {
+        if self.timer_armed {
+            if let Err(e) = self.timer.clear() {
+                log::error!("vsock: disarming the request timer failed: {e}");
+            }
+            self.timer_armed = false;
+        }
+    }
+
+    /// Closes host-initiated connections whose REQUEST the guest left unanswered; the host
+    /// client sees EOF instead of waiting forever.
+    fn expire_requests(&mut self) {
+        if self.timer_armed {
+            // Readable per epoll, so this does not block; the count is irrelevant.
+            let _ = self.timer.wait();
+        }
+        let now = Instant::now();
+        let expired: Vec<ConnKey> = self
+            .awaiting_response
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            log::debug!("vsock: guest did not answer REQUEST to port {}", key.1);
+            self.remove(key);
+        }
+        if self.awaiting_response.is_empty() {
+            self.disarm_timer();
+        }
     }
 
     fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
@@ -379,6 +478,11 @@ impl VsockMuxer {
             };
             let produced = conn.next_packet(buf);
             self.remove_if_finished(key);
+            if let Some((hdr, _)) = &produced {
+                if hdr.op == op::REQUEST {
+                    self.await_response(key);
+                }
+            }
             if let Some(pkt) = produced {
                 self.last_served = Some(key);
                 return Some(pkt);

@@ -642,3 +642,46 @@ fn random_guest_packets_never_panic() {
         assert_eq!(g.t.device_status() & status::NEEDS_RESET, 0);
     }
 }
+
+#[test]
+fn unanswered_host_request_times_out() {
+    let dir = temp_dir();
+    let uds = dir.0.join("m.sock");
+    let mut mux = muxer::VsockMuxer::new(CID, &uds).unwrap();
+    mux.set_request_timeout(Duration::from_millis(30));
+    let mut ignored = UnixStream::connect(&uds).unwrap();
+    ignored.write_all(b"CONNECT 8\n").unwrap();
+    let mut answered = UnixStream::connect(&uds).unwrap();
+    answered.write_all(b"CONNECT 9\n").unwrap();
+    mux.process_host_events();
+    let mut buf = [0u8; 64];
+    let mut reqs = HashMap::new();
+    while let Some((h, _)) = mux.next_rx_packet(&mut buf) {
+        assert_eq!(h.op, op::REQUEST);
+        reqs.insert(h.dst_port, h.src_port);
+    }
+    assert_eq!(mux.connection_count(), 2);
+    mux.handle_guest_packet(&hdr(op::RESPONSE, 9, reqs[&9], 0), &[]);
+    assert_eq!(read_line(&mut answered), format!("OK {}\n", reqs[&9]));
+    // Driven only by the epoll fd's timer, as in the VMM.
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(10));
+        mux.process_host_events();
+        if mux.connection_count() == 1 {
+            break;
+        }
+    }
+    assert_eq!(
+        mux.connection_count(),
+        1,
+        "only the unanswered connection expires"
+    );
+    assert_eof(&mut ignored);
+    assert_eq!(
+        mux.connection_state(reqs[&9], 9),
+        Some(connection::ConnState::Established)
+    );
+    // A late RESPONSE for the expired connection is answered with RST.
+    mux.handle_guest_packet(&hdr(op::RESPONSE, 8, reqs[&8], 0), &[]);
+    assert_eq!(mux.next_rx_packet(&mut buf).unwrap().0.op, op::RST);
+}
