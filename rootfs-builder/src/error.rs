@@ -7,7 +7,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// The input path does not exist or cannot be read.
-    #[error("{path}: cannot read input: {source}")]
+    #[error("{path}: cannot read input")]
     Input {
         /// The input path.
         path: PathBuf,
@@ -72,7 +72,7 @@ pub enum BuildError {
         reason: String,
     },
     /// Reading or decompressing a layer failed (corrupt gzip/zstd/tar).
-    #[error("{layer}: cannot read layer: {source}")]
+    #[error("{layer}: cannot read layer")]
     LayerRead {
         /// The layer.
         layer: String,
@@ -81,7 +81,7 @@ pub enum BuildError {
         source: std::io::Error,
     },
     /// A file-system operation on the staging tree or output failed.
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}")]
     Io {
         /// The path operated on.
         path: PathBuf,

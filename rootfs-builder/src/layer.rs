@@ -258,8 +258,17 @@ impl LayerApplier {
 /// Owner, mode, time and xattrs of a tar entry, with PAX overrides.
 fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> std::result::Result<EntryMeta, String> {
     let h = entry.header();
-    let mut uid = h.uid().map_err(|e| format!("bad uid: {e}"))?;
-    let mut gid = h.gid().map_err(|e| format!("bad gid: {e}"))?;
+    let old = h.as_old();
+    // Some writers leave numeric fields empty; like GNU tar, read an empty field as 0.
+    let blank = |field: &[u8]| field.iter().all(|b| *b == 0 || *b == b' ');
+    let mut uid = match h.uid() {
+        Err(_) if blank(&old.uid) => 0,
+        other => other.map_err(|e| format!("bad uid: {e}"))?,
+    };
+    let mut gid = match h.gid() {
+        Err(_) if blank(&old.gid) => 0,
+        other => other.map_err(|e| format!("bad gid: {e}"))?,
+    };
     let mode = h.mode().map_err(|e| format!("bad mode: {e}"))?;
     let mut mtime = (i64::try_from(h.mtime().unwrap_or(0)).unwrap_or(0), 0i64);
     let mut xattrs = Vec::new();

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use rootfs_builder::{BuildOptions, BundleOptions, Format, InputKind, Layout};
 
@@ -155,7 +155,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let c = common(image)?;
             let opts = BuildOptions {
-                from: from.clone(),
+                from,
                 input_kind: c.kind,
                 out: Some(out),
                 format: c.format,
@@ -165,8 +165,7 @@ fn run(cli: Cli) -> Result<()> {
                 cache: (!no_cache).then_some(cache),
                 progress: Some(progress),
             };
-            let built = rootfs_builder::build_image(&opts)
-                .with_context(|| format!("building {}", from.display()))?;
+            let built = rootfs_builder::build_image(&opts)?;
             println!(
                 "{} ({} bytes{})",
                 built.path.display(),
@@ -182,7 +181,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let c = common(opts)?;
             let bundle = rootfs_builder::build_bundle(&BundleOptions {
-                image: image.clone(),
+                image,
                 input_kind: c.kind,
                 out_dir: out,
                 format: c.format,
@@ -191,8 +190,7 @@ fn run(cli: Cli) -> Result<()> {
                 erofs_compression: c.erofs_compression,
                 args: (!args.is_empty()).then_some(args),
                 progress: Some(progress),
-            })
-            .with_context(|| format!("building a bundle from {}", image.display()))?;
+            })?;
             println!("{}", bundle.dir.display());
         }
     }

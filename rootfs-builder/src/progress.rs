@@ -78,11 +78,7 @@ impl Progress for TerminalProgress {
         }
         s.last = Some(now);
         s.drawn = true;
-        let pct = if total > 0 {
-            done.saturating_mul(100) / total
-        } else {
-            100
-        };
+        let pct = done.saturating_mul(100).checked_div(total).unwrap_or(100);
         let _ = write!(
             std::io::stderr(),
             "\r\x1b[K{}: {:.1}/{:.1} MiB ({pct}%)",
