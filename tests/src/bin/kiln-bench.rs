@@ -274,6 +274,7 @@ fn main() -> Result<()> {
     ensure!(!qemu_version.is_empty(), "{QEMU} not found or not runnable");
     let qemu_version = qemu_version.lines().next().unwrap_or_default().to_string();
 
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut host = Series::default();
     let mut qemu = Series::default();
     eprintln!("kiln-bench: {runs} interleaved boots per VMM ...");
@@ -336,22 +337,16 @@ fn main() -> Result<()> {
 
     if let Some(path) = out {
         let date = cmd_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-        let commit = cmd_output(
-            "git",
-            &[
-                "-C",
-                &kiln_tests::workspace_root().to_string_lossy(),
-                "rev-parse",
-                "--short",
-                "HEAD",
-            ],
-        );
+        let root = kiln_tests::workspace_root().to_string_lossy().into_owned();
+        let commit = cmd_output("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
         let doc = format!(
             "# Benchmarks\n\n\
              Written by `cargo run --release -p kiln-tests --bin kiln-bench -- boot --runs {runs}` \
              (source: `tests/src/bin/kiln-bench.rs`). Re-run it to refresh this page.\n\n\
              ## Boot: host-vmm vs QEMU microvm, bare-metal test guest\n\n\
-             - Date: {date}; commit {commit}\n\
+             - Date: {date}; commit {commit}{dirty}\n\
+             - Load average before the run: {load} (this machine's 2 cores are shared; the spread \
+             between min and max is mostly other work)\n\
              - Machine: {machine}\n\
              - QEMU: {qemu_version}\n\
              - Guest: `tests/guests` `guest-pvh` (PVH entry), `kiln.test=marker`; {MEM_MIB} MiB, \
@@ -370,6 +365,12 @@ fn main() -> Result<()> {
              Targets (issue 2):\n\n{verdict}\n",
             IDLE_SETTLE.as_millis(),
             machine = machine(),
+            load = load_before.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+            dirty = if cmd_output("git", &["-C", &root, "status", "--porcelain", "host-vmm"]).is_empty() {
+                ""
+            } else {
+                " (host-vmm with uncommitted changes)"
+            },
         );
         std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("kiln-bench: wrote {}", path.display());
