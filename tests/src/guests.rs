@@ -338,3 +338,56 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(stdout: &str) -> VmOutput {
+        VmOutput {
+            status: None,
+            stdout: stdout.to_string(),
+            stderr: String::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn reports_parse_serial_lines() {
+        let out = output("noise\r\nKILN-TEST marker\r\nKILN-TEST a=1\r\nKILN-TEST cmdline=x=y z\nKILN-TEST a=2\n");
+        assert!(out.saw("marker"));
+        assert_eq!(out.get("a").as_deref(), Some("2"), "later values win");
+        assert_eq!(
+            out.get("cmdline").as_deref(),
+            Some("x=y z"),
+            "split at the first '='"
+        );
+        assert_eq!(out.get("noise"), None);
+        assert!(!out.saw("done"));
+    }
+
+    #[test]
+    fn fnv1a_known_vectors() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn pseudo_random_is_deterministic_and_varied() {
+        let a = pseudo_random(4096, 1);
+        assert_eq!(a, pseudo_random(4096, 1));
+        assert_ne!(a, pseudo_random(4096, 2));
+        let distinct: std::collections::BTreeSet<u8> = a.iter().copied().collect();
+        assert!(distinct.len() > 200, "bytes should cover most values");
+    }
+
+    #[test]
+    fn run_with_timeout_kills_a_hanging_child() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let out = run_with_timeout(cmd, Duration::from_millis(200)).expect("spawn sleep");
+        assert!(out.status.is_none(), "should have timed out");
+        assert!(out.elapsed < Duration::from_secs(10));
+    }
+}

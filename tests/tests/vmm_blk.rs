@@ -69,6 +69,19 @@ fn blk_cmdline_names_the_device() {
         cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"),
         "{cmdline:?}"
     );
+    // Order: base, root=, devices, then the user's --cmdline last.
+    let root = cmdline.find("root=/dev/vda").expect("root=");
+    let dev = cmdline.find("virtio_mmio.device=").expect("device");
+    assert!(root < dev, "root= should precede the devices: {cmdline:?}");
+    assert!(
+        cmdline.ends_with("kiln.test=bootinfo"),
+        "user text must come last: {cmdline:?}"
+    );
+    assert_eq!(
+        cmdline.matches("virtio_mmio.device=").count(),
+        1,
+        "{cmdline:?}"
+    );
     let out = boot_guest(
         Guest::Pvh,
         "bootinfo",
@@ -228,6 +241,11 @@ fn blk_flush_reaches_the_disk() {
         out.expect("blk.get_id.status"),
         "0",
         "GET_ID\n{}",
+        out.describe()
+    );
+    assert!(
+        !out.expect("blk.get_id").is_empty(),
+        "empty GET_ID serial\n{}",
         out.describe()
     );
 
