@@ -14,8 +14,26 @@ use kiln_protocol::transport::{
 };
 use kiln_protocol::{write_frame, AgentMessage, ErrorKind, ErrorReply, StdioStream};
 
-/// A fresh socket path under the system temp dir.
-fn socket_path(name: &str) -> PathBuf {
+/// A socket path in a fresh directory under the system temp dir, removed on drop.
+struct TempSocket {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl std::ops::Deref for TempSocket {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for TempSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn socket_path(name: &str) -> TempSocket {
     static N: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "kiln-protocol-test-{}-{}",
@@ -23,7 +41,10 @@ fn socket_path(name: &str) -> PathBuf {
         N.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    TempSocket {
+        path: dir.join(name),
+        dir,
+    }
 }
 
 /// Reads the `CONNECT <port>\n` line byte by byte.
@@ -41,9 +62,9 @@ fn read_connect_line(s: &mut UnixStream) -> String {
 fn fake_vmm(
     reply: &'static [u8],
     then: impl FnOnce(UnixStream) + Send + 'static,
-) -> (PathBuf, thread::JoinHandle<String>) {
+) -> (TempSocket, thread::JoinHandle<String>) {
     let path = socket_path("vsock.sock");
-    let listener = UnixListener::bind(&path).unwrap();
+    let listener = UnixListener::bind(&*path).unwrap();
     let vmm = thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         let line = read_connect_line(&mut s);
@@ -101,7 +122,7 @@ fn bad_replies_are_clear_errors() {
 #[test]
 fn retry_waits_for_the_socket_to_appear() {
     let path = socket_path("late.sock");
-    let bind_path = path.clone();
+    let bind_path = path.to_path_buf();
     let vmm = thread::spawn(move || {
         thread::sleep(Duration::from_millis(150));
         let listener = UnixListener::bind(&bind_path).unwrap();
