@@ -7,6 +7,7 @@
 //!   arrives on the VMM's stdout pipe;
 //! - start -> exit: until the VMM process has exited (host-vmm: i8042 reset; QEMU microvm has no
 //!   i8042, so its guest triple-faults with `kiln.exit=triple` and `-no-reboot` makes QEMU exit);
+//! - CPU time (user + system) the VMM process used for one boot;
 //! - VmRSS / RssAnon of the VMM process while the guest idles (`kiln.test=idle`: marker, then
 //!   halt), sampled from /proc/PID/status 100 ms after the marker, then the VMM is killed.
 //!
@@ -81,6 +82,22 @@ impl Setup {
 struct BootSample {
     marker: Duration,
     exit: Duration,
+    /// User + system CPU time of the VMM process (all its threads).
+    cpu: Duration,
+}
+
+/// Total user + system CPU time of all waited-for children of this process so far.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage writes one `rusage` into the zeroed struct we own; no other effects.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// Lines of a child's stdout with the time each arrived.
@@ -136,6 +153,8 @@ fn wait_marker(child: &mut std::process::Child, start: Instant, rx: &Lines) -> R
 }
 
 fn boot_once(setup: &Setup, vmm: Vmm) -> Result<BootSample> {
+    // Children are run one at a time, so the growth of RUSAGE_CHILDREN is this VMM's CPU time.
+    let cpu_before = children_cpu();
     let (mut child, start, rx) = spawn_lines(setup.command(vmm, "marker"))?;
     let marker = wait_marker(&mut child, start, &rx)?;
     loop {
@@ -147,7 +166,8 @@ fn boot_once(setup: &Setup, vmm: Vmm) -> Result<BootSample> {
                 vmm.name(),
                 stderr_of(&mut child).trim()
             );
-            return Ok(BootSample { marker, exit });
+            let cpu = children_cpu().saturating_sub(cpu_before);
+            return Ok(BootSample { marker, exit, cpu });
         }
         if start.elapsed() > RUN_TIMEOUT {
             let _ = child.kill();
@@ -193,6 +213,7 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 struct Series {
     marker_ms: Vec<f64>,
     exit_ms: Vec<f64>,
+    cpu_ms: Vec<f64>,
     rss_kib: Vec<f64>,
     anon_kib: Vec<f64>,
 }
@@ -294,6 +315,7 @@ fn main() -> Result<()> {
             };
             series.marker_ms.push(s.marker.as_secs_f64() * 1e3);
             series.exit_ms.push(s.exit.as_secs_f64() * 1e3);
+            series.cpu_ms.push(s.cpu.as_secs_f64() * 1e3);
         }
     }
     eprintln!("kiln-bench: {runs} idle runs per VMM for memory ...");
@@ -317,6 +339,7 @@ fn main() -> Result<()> {
         "|---|---:|---:|---:|---:|---:|---:|---:|".to_string(),
         row("start -> marker", "ms", &host.marker_ms, &qemu.marker_ms, 2),
         row("start -> exit", "ms", &host.exit_ms, &qemu.exit_ms, 2),
+        row("VMM CPU per boot", "ms", &host.cpu_ms, &qemu.cpu_ms, 2),
         row("VmRSS idle", "KiB", &host.rss_kib, &qemu.rss_kib, 0),
         row("RssAnon idle", "KiB", &host.anon_kib, &qemu.anon_kib, 0),
     ]
@@ -358,11 +381,17 @@ fn main() -> Result<()> {
              guest-pvh -append \"kiln.test=marker kiln.exit=triple\"` (microvm has no i8042: the guest \
              triple-faults and `-no-reboot` ends QEMU).\n\
              - start -> marker: spawn until the `KILN-TEST marker` line is read from the VMM's stdout \
-             pipe (the guest prints it first thing). start -> exit: until the process has exited.\n\
+             pipe (the guest prints it first thing). start -> exit: until the process has exited. VMM CPU per boot: user + system \
+             CPU time of the VMM process and all its threads (getrusage of the waited child), which \
+             on PVM includes the vCPU threads' time in the instruction emulator.\n\
              - Memory: VmRSS and RssAnon from /proc/PID/status of the VMM, {} ms after the marker of \
              an idle guest (`kiln.test=idle`: marker, then `hlt`); guest pages the guest touched count.\n\n\
              {table}\n\n\
-             Targets (issue 2):\n\n{verdict}\n",
+             Targets (issue 2):\n\n{verdict}\n\n\
+             Notes: most of host-vmm's marker -> exit time is not the VMM's own work: `strace -f -tt` \
+             shows the guest's remaining checks (emulated ring-0 code on PVM) and then the host \
+             kernel tearing the VM down when host-vmm closes the KVM VM fd (tens of ms on PVM). \
+             QEMU pays the same teardown at exit.\n",
             IDLE_SETTLE.as_millis(),
             machine = machine(),
             load = load_before.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
