@@ -222,9 +222,10 @@ pub fn run(boot: &BootInfo) {
     }
     let expected = mp.as_ref().map_or(0, |m| m.enabled_cpus.saturating_sub(1));
     let start = rdtsc();
-    // Wait for every AP the MP table lists (about 3 s at most); without a table wait briefly.
+    // Wait for every AP the MP table lists (10 s or so at most: a loaded host may be slow to run
+    // 32 vCPU threads); without a table wait briefly.
     let limit = if expected > 0 {
-        8_000_000_000
+        30_000_000_000
     } else {
         200_000_000
     };
