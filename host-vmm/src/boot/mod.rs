@@ -339,6 +339,28 @@ mod tests {
     }
 
     #[test]
+    fn bzimage_enters_at_load_address_plus_0x200() {
+        // Setup area of 4 + 1 sectors with the header fields the loader and protocol use.
+        let mut image = vec![0u8; 5 * 512];
+        image[0x1f1] = 4;
+        image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        image[0x211] = 1; // LOADED_HIGH
+        image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        image.extend_from_slice(&[0xf4; 0x400]);
+        let p = tmp("tiny.bzImage", &image);
+        let mem = create_guest_memory(4).unwrap();
+        let k = load_kernel(&mem, 4 << 20, &p, BootProtocolChoice::Auto).unwrap();
+        assert_eq!((k.protocol, k.entry), (BootProtocol::Linux64, 0x10_0200));
+        let hdr = k.setup_header.unwrap();
+        assert_eq!(({ hdr.setup_sects }, { hdr.version }), (4, 0x020f));
+        let err = load_kernel(&mem, 4 << 20, &p, BootProtocolChoice::Pvh).unwrap_err();
+        assert!(matches!(err, BootError::NoPvhEntry { .. }));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
     fn cmdline_is_nul_terminated_at_0x20000() {
         let mem = create_guest_memory(4).unwrap();
         let k = LoadedKernel {

@@ -18,6 +18,16 @@ fn id_bits(count: u8) -> u32 {
     u32::from(count.max(1)).next_power_of_two().trailing_zeros()
 }
 
+/// Logical processors sharing a cache minus one: only level 3 is shared by all vCPUs.
+fn cache_sharing(eax: u32, count: u32) -> u32 {
+    let level = (eax >> 5) & 0x7;
+    if level >= 3 {
+        count - 1
+    } else {
+        0
+    }
+}
+
 /// Adjusts `entries` for vCPU `id` of `count`.
 pub fn adjust_cpuid(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8) {
     let id32 = u32::from(id);
@@ -34,12 +44,30 @@ pub fn adjust_cpuid(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8) {
                     e.edx &= !EDX_HTT;
                 }
             }
-            4 => {
-                // Deterministic cache parameters: [31:26] cores per package - 1, [25:14]
-                // logical processors sharing the cache - 1 (only the L3 is shared).
-                let level = (e.eax >> 5) & 0x7;
-                let sharing = if level >= 3 { count32 - 1 } else { 0 };
-                e.eax = (e.eax & 0x3fff) | (sharing << 14) | ((count32 - 1) << 26);
+            // Intel deterministic cache parameters: [31:26] cores per package - 1, [25:14]
+            // logical processors sharing the cache - 1 (only the L3 is shared). Subleaves with
+            // cache type 0 end the list and stay untouched.
+            4 if e.eax & 0x1f != 0 => {
+                e.eax = (e.eax & 0x3fff)
+                    | (cache_sharing(e.eax, count32) << 14)
+                    | ((count32 - 1) << 26);
+            }
+            // AMD cache topology: same [25:14] field.
+            0x8000_001d if e.eax & 0x1f != 0 => {
+                e.eax = (e.eax & !0x03ff_c000) | (cache_sharing(e.eax, count32) << 14);
+            }
+            // AMD: ECX [7:0] cores per package - 1, [15:12] APIC id bits of the core number.
+            // Without this Linux on AMD derives the package from the whole APIC id and puts
+            // every vCPU in its own package.
+            0x8000_0008 => {
+                e.ecx = (e.ecx & !0xf0ff) | (id_bits(count) << 12) | (count32 - 1);
+            }
+            // AMD extended APIC id and compute unit (= core) id, one thread per core, node 0.
+            0x8000_001e => {
+                e.eax = id32;
+                e.ebx = id32 & 0xff;
+                e.ecx = 0;
+                e.edx = 0;
             }
             0xa => {
                 // No virtual PMU: guests should not program performance counters.
@@ -100,6 +128,39 @@ mod tests {
             entry(0xb, 1),
             entry(0xb, 2),
         ]
+    }
+
+    #[test]
+    fn amd_topology_leaves() {
+        let mut l1d = entry(0x8000_001d, 0);
+        l1d.eax = 0x121;
+        let mut l3 = entry(0x8000_001d, 3);
+        l3.eax = 0x4163;
+        let mut end = entry(0x8000_001d, 4);
+        end.eax = 0;
+        let mut size = entry(0x8000_0008, 0);
+        size.ecx = 0x3_7001;
+        let mut e = vec![size, entry(0x8000_001e, 0), l1d, l3, end];
+        adjust_cpuid(&mut e, 5, 8);
+        assert_eq!(
+            e[0].ecx, 0x3_3007,
+            "NC = 7, ApicIdCoreIdSize = 3, other bits kept"
+        );
+        assert_eq!((e[1].eax, e[1].ebx, e[1].ecx, e[1].edx), (5, 5, 0, 0));
+        assert_eq!((e[2].eax >> 14) & 0xfff, 0, "L1 not shared");
+        assert_eq!((e[3].eax >> 14) & 0xfff, 7, "L3 shared by all 8");
+        assert_eq!(e[3].eax & 0x3fff, 0x0163, "cache level and type kept");
+        assert_eq!(e[4].eax, 0, "terminating subleaf untouched");
+    }
+
+    #[test]
+    fn empty_intel_cache_leaf_untouched() {
+        let mut e = vec![kvm_cpuid_entry2 {
+            function: 4,
+            ..Default::default()
+        }];
+        adjust_cpuid(&mut e, 1, 4);
+        assert_eq!(e[0].eax, 0);
     }
 
     #[test]
