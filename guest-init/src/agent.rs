@@ -309,7 +309,7 @@ impl Agent {
             return false;
         };
         let drained = !p.spawning && p.outputs.iter().all(|(_, s)| s.is_done());
-        if !drained && !(force && !p.spawning) {
+        if p.spawning || !(drained || force) {
             return false;
         }
         p.reported = Some(status);

@@ -54,10 +54,15 @@ pub fn power_off() -> ! {
         );
         libc::sync();
     }
-    eprintln!("guest-init: powering off");
-    // SAFETY: reboot with a valid command; it only returns on failure.
-    unsafe { libc::reboot(libc::RB_POWER_OFF) };
-    // If power-off is not wired up (no ACPI), a reboot request ends a kiln VM (reboot=k).
+    // Without ACPI (kiln's kernel has none) the kernel turns a power-off into a halt that never
+    // ends the VM; a reboot request does: with `reboot=k` the kernel resets through the i8042,
+    // which host-vmm (and QEMU with -no-reboot) treat as the end of the VM.
+    if std::path::Path::new("/sys/firmware/acpi").exists() {
+        eprintln!("guest-init: powering off");
+        // SAFETY: reboot with a valid command; it only returns on failure.
+        unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    }
+    eprintln!("guest-init: resetting the VM");
     // SAFETY: as above.
     unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     loop {

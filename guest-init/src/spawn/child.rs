@@ -429,8 +429,8 @@ fn apply_mount(i: usize, m: &MountStep) -> Step {
 pub fn setup_root(root: &RootPlan) -> Step {
     let slash = c"/";
     let dot = c".";
-    // SAFETY (all blocks below): mount-family system calls on NUL-terminated strings from the
-    // plan; they only affect this child's private mount namespace.
+    // SAFETY: a mount-family system call on static NUL-terminated strings; it only affects this
+    // child's new mount namespace.
     let rc = unsafe {
         libc::mount(
             std::ptr::null(),
