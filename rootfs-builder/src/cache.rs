@@ -116,6 +116,7 @@ impl KeyHasher {
     pub fn tree_identity(&mut self, root: &Path) -> io::Result<()> {
         let canonical = fs::canonicalize(root)?;
         self.field("tree", canonical.as_os_str().as_encoded_bytes());
+        self.field("root", stat_bytes(&fs::metadata(&canonical)?));
         let mut stack = vec![canonical];
         while let Some(dir) = stack.pop() {
             let mut entries: Vec<_> = fs::read_dir(&dir)?.collect::<io::Result<_>>()?;

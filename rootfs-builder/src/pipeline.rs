@@ -235,6 +235,18 @@ fn stage_and_mkfs(
     image: &Path,
     progress: &dyn Progress,
 ) -> Result<Option<crate::ImageConfig>> {
+    if let (Input::Dir(src), Layout::Plain) = (&resolved.input, &opts.layout) {
+        // Nothing to add or change: mkfs reads the directory itself, no staging copy.
+        make_image(
+            src,
+            image,
+            opts.format,
+            opts.size,
+            opts.erofs_compression.as_deref(),
+            progress,
+        )?;
+        return Ok(None);
+    }
     let container_root = prepare_layout(stage, &opts.layout)?;
     populate(resolved, &container_root, progress)?;
     finish_layout(stage, &opts.layout)?;
@@ -273,6 +285,10 @@ pub(crate) fn make_image(
             mkfs::make_erofs(stage, image, compression)?
         }
     };
+    // The image is renamed into place next: make its contents durable first.
+    fs::File::open(image)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| BuildError::io(image, "fsync", e))?;
     progress.message(&format!(
         "{} image: {} bytes, mkfs took {} ms",
         format.extension(),

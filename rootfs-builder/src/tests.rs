@@ -65,6 +65,41 @@ fn tar(entries: &[E]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+#[test]
+fn pax_xattrs_and_ids_are_applied() {
+    let t = tempfile::tempdir().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([
+        ("SCHILY.xattr.user.kiln", &b"yes"[..]),
+        ("uid", &b"3000000"[..]),
+        ("mtime", &b"1600000000.5"[..]),
+    ])
+    .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(2);
+    h.set_mode(0o4755);
+    h.set_uid(0);
+    h.set_gid(7);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, "suid", &b"hi"[..]).unwrap();
+    let layer = b.into_inner().unwrap();
+    apply(t.path(), &[layer]).unwrap();
+    let p = t.path().join("suid");
+    let m = fs::metadata(&p).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o4755, "setuid survives chown");
+    assert_eq!(m.mtime_nsec(), 500_000_000);
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!((m.uid(), m.gid()), (3_000_000, 7));
+    }
+    // Only when the file system supports user xattrs (tmpfs, ext4 do).
+    if xattr::SUPPORTED_PLATFORM {
+        assert_eq!(
+            xattr::get(&p, "user.kiln").unwrap().as_deref(),
+            Some(&b"yes"[..])
+        );
+    }
+}
+
 fn apply(root: &Path, layers: &[Vec<u8>]) -> Result<(), BuildError> {
     let mut a = LayerApplier::new(root);
     for (i, l) in layers.iter().enumerate() {
