@@ -3,7 +3,7 @@
 //! Pure functions over `kvm_cpuid_entry2` slices so the adjustments are unit-tested without KVM.
 //! The topology is one package with `count` cores of one thread each; APIC id = vCPU index.
 
-use kvm_bindings::kvm_cpuid_entry2;
+use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 /// Leaf 1 ECX: running under a hypervisor.
 const ECX_HYPERVISOR: u32 = 1 << 31;
@@ -28,10 +28,35 @@ fn cache_sharing(eax: u32, count: u32) -> u32 {
     }
 }
 
+/// Makes sure the extended topology leaves (0xb, and 0x1f when present) have the SMT, core and
+/// terminating subleaves. KVM may list only subleaf 0; a guest that then reads subleaf 1 gets
+/// zeros, takes the package shift as 0 and puts every vCPU in its own package.
+fn ensure_topology_subleaves(entries: &mut Vec<kvm_cpuid_entry2>) {
+    for function in [0xb, 0x1f] {
+        if !entries.iter().any(|e| e.function == function) {
+            continue;
+        }
+        for index in 0..=2 {
+            if !entries
+                .iter()
+                .any(|e| e.function == function && e.index == index)
+            {
+                entries.push(kvm_cpuid_entry2 {
+                    function,
+                    index,
+                    flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+}
+
 /// Adjusts `entries` for vCPU `id` of `count`.
-pub fn adjust_cpuid(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8) {
+pub fn adjust_cpuid(entries: &mut Vec<kvm_cpuid_entry2>, id: u8, count: u8) {
     let id32 = u32::from(id);
     let count32 = u32::from(count.max(1));
+    ensure_topology_subleaves(entries);
     for e in entries.iter_mut() {
         match e.function {
             1 => {
@@ -128,6 +153,29 @@ mod tests {
             entry(0xb, 1),
             entry(0xb, 2),
         ]
+    }
+
+    #[test]
+    fn missing_topology_subleaves_are_added() {
+        // KVM on this project's AMD host lists only 0xb.0.
+        let mut e = vec![entry(1, 0), entry(0xb, 0)];
+        adjust_cpuid(&mut e, 1, 2);
+        let sub = |i: u32| {
+            *e.iter()
+                .find(|x| x.function == 0xb && x.index == i)
+                .unwrap()
+        };
+        assert_eq!(
+            (sub(0).ecx >> 8, sub(1).ecx >> 8, sub(2).ecx >> 8),
+            (1, 2, 0)
+        );
+        assert_eq!((sub(1).eax, sub(1).ebx, sub(1).edx), (1, 2, 1));
+        assert_ne!(sub(1).flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX, 0);
+        assert!(e.iter().all(|x| x.function != 0x1f), "0x1f not invented");
+        // Already complete leaves are not duplicated.
+        let n = e.len();
+        adjust_cpuid(&mut e, 1, 2);
+        assert_eq!(e.len(), n);
     }
 
     #[test]

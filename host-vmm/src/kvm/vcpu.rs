@@ -29,6 +29,9 @@ pub enum VcpuError {
     /// KVM rejected the CPUID table.
     #[error("vCPU {0}: KVM_SET_CPUID2 failed")]
     Cpuid(u8, #[source] kvm_ioctls::Error),
+    /// The adjusted table exceeds KVM's limit.
+    #[error("vCPU {0}: {1} CPUID entries exceed KVM's maximum")]
+    CpuidTooLarge(u8, usize),
     /// Register state could not be set.
     #[error("vCPU {0}: cannot set initial state")]
     Regs(u8, #[source] RegsError),
@@ -72,8 +75,23 @@ pub fn configure_vcpu(
     base_cpuid: &CpuId,
     boot: Option<(BootProtocol, u64)>,
 ) -> Result<(), VcpuError> {
-    let mut cpuid = base_cpuid.clone();
-    adjust_cpuid(cpuid.as_mut_slice(), id, count);
+    let mut entries = base_cpuid.as_slice().to_vec();
+    adjust_cpuid(&mut entries, id, count);
+    let cpuid =
+        CpuId::from_entries(&entries).map_err(|_| VcpuError::CpuidTooLarge(id, entries.len()))?;
+    if log::log_enabled!(log::Level::Trace) {
+        for e in cpuid.as_slice() {
+            log::trace!(
+                "vCPU {id}: CPUID {:#x}.{}: eax={:#x} ebx={:#x} ecx={:#x} edx={:#x}",
+                e.function,
+                e.index,
+                e.eax,
+                e.ebx,
+                e.ecx,
+                e.edx
+            );
+        }
+    }
     fd.set_cpuid2(&cpuid).map_err(|e| VcpuError::Cpuid(id, e))?;
     apply_common(fd).map_err(|e| VcpuError::Regs(id, e))?;
     if let Some((protocol, entry)) = boot {
