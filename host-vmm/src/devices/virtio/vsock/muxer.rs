@@ -54,7 +54,7 @@ pub struct VsockMuxer {
     conn_token: HashMap<ConnKey, u64>,
     token_conn: HashMap<u64, ConnKey>,
     /// Host clients that have not finished `CONNECT <port>\n`, by epoll token.
-    handshakes: HashMap<u64, (UnixStream, HandshakeParser)>,
+    handshakes: HashMap<u64, (UnixStream, HandshakeParser, Instant)>,
     next_token: u64,
     pending_rst: VecDeque<Header>,
     /// Round-robin position for rx.
@@ -146,7 +146,8 @@ impl VsockMuxer {
         self.disarm_timer();
     }
 
-    /// Changes how long the guest has to answer a host-initiated REQUEST.
+    /// Changes how long the guest has to answer a host-initiated REQUEST (and a host client to
+    /// send its `CONNECT` line).
     pub fn set_request_timeout(&mut self, timeout: Duration) {
         self.request_timeout = timeout;
     }
@@ -193,7 +194,7 @@ impl VsockMuxer {
     }
 
     fn drop_handshake(&mut self, token: u64) {
-        if let Some((stream, _)) = self.handshakes.remove(&token) {
+        if let Some((stream, _, _)) = self.handshakes.remove(&token) {
             self.unwatch(stream.as_raw_fd());
         }
     }
@@ -338,8 +339,10 @@ impl VsockMuxer {
                             continue;
                         }
                     };
+                    let deadline = Instant::now() + self.request_timeout;
                     self.handshakes
-                        .insert(token, (stream, HandshakeParser::new()));
+                        .insert(token, (stream, HandshakeParser::new(), deadline));
+                    self.arm_timer();
                     // Bytes may already be there; the edge was reported on add, but read now
                     // anyway so a client that sent everything at once is not missed.
                     self.advance_handshake(token);
@@ -356,7 +359,7 @@ impl VsockMuxer {
 
     /// Reads the handshake one byte at a time, so no connection data is consumed with it.
     fn advance_handshake(&mut self, token: u64) {
-        let Some((stream, parser)) = self.handshakes.get_mut(&token) else {
+        let Some((stream, parser, _)) = self.handshakes.get_mut(&token) else {
             return;
         };
         let port = loop {
@@ -384,7 +387,7 @@ impl VsockMuxer {
                 }
             }
         };
-        let Some((stream, _)) = self.handshakes.remove(&token) else {
+        let Some((stream, _, _)) = self.handshakes.remove(&token) else {
             return;
         };
         let local_port = self.allocate_local_port(port);
@@ -396,6 +399,10 @@ impl VsockMuxer {
     fn await_response(&mut self, key: ConnKey) {
         self.awaiting_response
             .insert(key, Instant::now() + self.request_timeout);
+        self.arm_timer();
+    }
+
+    fn arm_timer(&mut self) {
         if !self.timer_armed {
             let period =
                 (self.request_timeout / 2).clamp(Duration::from_millis(1), Duration::from_secs(1));
@@ -415,8 +422,9 @@ impl VsockMuxer {
         }
     }
 
-    /// Closes host-initiated connections whose REQUEST the guest left unanswered; the host
-    /// client sees EOF instead of waiting forever.
+    /// Closes host-initiated connections whose REQUEST the guest left unanswered, and host
+    /// clients that did not finish their `CONNECT` line, both after the request timeout: the
+    /// host client sees EOF instead of waiting forever or holding a connection slot.
     fn expire_requests(&mut self) {
         if self.timer_armed {
             // Readable per epoll, so this does not block; the count is irrelevant.
@@ -433,7 +441,17 @@ impl VsockMuxer {
             log::debug!("vsock: guest did not answer REQUEST to port {}", key.1);
             self.remove(key);
         }
-        if self.awaiting_response.is_empty() {
+        let stale: Vec<u64> = self
+            .handshakes
+            .iter()
+            .filter(|(_, (_, _, deadline))| *deadline <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in stale {
+            log::debug!("vsock: host client sent no CONNECT line in time");
+            self.drop_handshake(token);
+        }
+        if self.awaiting_response.is_empty() && self.handshakes.is_empty() {
             self.disarm_timer();
         }
     }

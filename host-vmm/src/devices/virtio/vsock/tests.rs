@@ -653,6 +653,8 @@ fn unanswered_host_request_times_out() {
     ignored.write_all(b"CONNECT 8\n").unwrap();
     let mut answered = UnixStream::connect(&uds).unwrap();
     answered.write_all(b"CONNECT 9\n").unwrap();
+    let mut silent = UnixStream::connect(&uds).unwrap();
+    silent.write_all(b"CONN").unwrap();
     mux.process_host_events();
     let mut buf = [0u8; 64];
     let mut reqs = HashMap::new();
@@ -677,6 +679,7 @@ fn unanswered_host_request_times_out() {
         "only the unanswered connection expires"
     );
     assert_eof(&mut ignored);
+    assert_closed(&mut silent);
     assert_eq!(
         mux.connection_state(reqs[&9], 9),
         Some(connection::ConnState::Established)
