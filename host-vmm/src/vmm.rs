@@ -306,15 +306,21 @@ pub fn run_vm(config: &VmConfig, start: Instant) -> Result<VmOutcome, VmmError> 
     boot::write_boot_structures(&mem, mem_bytes, &kernel, &cmdline, vcpus)?;
     mark("devices and boot structures ready");
 
-    let cpuid = vm.supported_cpuid()?;
+    // Every vCPU exists before any runs (an INIT/SIPI to a vCPU not yet created would be
+    // lost); only vCPU 0 is configured here, the others configure themselves on their threads.
+    let cpuid = Arc::new(vm.supported_cpuid()?);
     let mut vcpu_fds = Vec::with_capacity(usize::from(vcpus));
     for id in 0..vcpus {
-        let fd = vm.create_vcpu(id)?;
-        let boot = (id == 0).then_some((kernel.protocol, kernel.entry));
-        configure_vcpu(&fd, id, vcpus, &cpuid, boot)?;
-        vcpu_fds.push(fd);
+        vcpu_fds.push(vm.create_vcpu(id)?);
     }
-    mark("vCPUs configured");
+    configure_vcpu(
+        &vcpu_fds[0],
+        0,
+        vcpus,
+        &cpuid,
+        Some((kernel.protocol, kernel.entry)),
+    )?;
+    mark("vCPUs created, boot vCPU configured");
     register_kick_handler()?;
     let mut event_loop = EventLoop::new(exit.clone(), serial.clone(), virtio, config.console)
         .map_err(|e| VmmError::Io("event loop", e))?;
@@ -322,7 +328,10 @@ pub fn run_vm(config: &VmConfig, start: Instant) -> Result<VmOutcome, VmmError> 
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let mut handles = Vec::with_capacity(vcpu_fds.len());
     for (id, fd) in (0..vcpus).zip(vcpu_fds) {
-        let vcpu = Vcpu::new(id, fd, pio.clone(), mmio.clone(), exit.clone());
+        let mut vcpu = Vcpu::new(id, fd, pio.clone(), mmio.clone(), exit.clone());
+        if id != 0 {
+            vcpu = vcpu.with_deferred_setup(cpuid.clone(), vcpus);
+        }
         match std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || vcpu.run())

@@ -200,7 +200,7 @@ pub fn apply_common(vcpu: &VcpuFd) -> Result<(), RegsError> {
         return Err(RegsError::Msrs {
             set,
             total: entries.len(),
-            first: entries[set].index,
+            first: entries.get(set).map_or(0, |e| e.index),
         });
     }
     let mut lapic = vcpu

@@ -107,6 +107,9 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: ExitHandle,
+    /// CPUID base and vCPU count when this (application processor) vCPU configures itself on
+    /// its own thread, off the boot vCPU's critical path.
+    deferred_setup: Option<(Arc<CpuId>, u8)>,
 }
 
 /// What the loop does after one exit.
@@ -125,13 +128,34 @@ impl Vcpu {
             pio,
             mmio,
             exit,
+            deferred_setup: None,
         }
+    }
+
+    /// Defers [`configure_vcpu`] (without entry registers) to the start of [`Vcpu::run`], so
+    /// application processors set themselves up in parallel while vCPU 0 already runs. Safe
+    /// because an AP only executes after the guest's INIT/SIPI, which KVM keeps pending in
+    /// the in-kernel LAPIC until the AP's first `KVM_RUN`, after its set-up.
+    pub fn with_deferred_setup(mut self, base_cpuid: Arc<CpuId>, count: u8) -> Self {
+        self.deferred_setup = Some((base_cpuid, count));
+        self
     }
 
     /// Runs the guest until the VM stops. Thread body.
     pub fn run(mut self) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
+        if let Some((cpuid, count)) = self.deferred_setup.take() {
+            if let Err(e) = configure_vcpu(&self.fd, self.id, count, &cpuid, None) {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg = format!("{msg}: {s}");
+                    src = s.source();
+                }
+                self.exit.request(VmOutcome::HostError(msg));
+            }
+        }
         while !self.exit.is_stopping() {
             if let Next::Stop = self.run_once() {
                 break;
