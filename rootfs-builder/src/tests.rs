@@ -478,3 +478,49 @@ fn concurrent_builds_of_one_image_agree() {
     let tmp_left = fs::read_dir(cache.join("tmp")).unwrap().count();
     assert_eq!(tmp_left, 0);
 }
+
+/// Writes a docker-archive with one layer; `diff_id` overrides the layer's real digest.
+fn docker_archive(path: &Path, layer: &[u8], diff_id: Option<String>) {
+    let real = format!("sha256:{}", crate::image::hex(&Sha256::digest(layer)));
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/bin/true"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id.unwrap_or(real)]}})
+    .to_string();
+    let config_name = format!(
+        "{}.json",
+        crate::image::hex(&Sha256::digest(config.as_bytes()))
+    );
+    let manifest = serde_json::json!([{"Config": config_name, "RepoTags": ["x:1"], "Layers": ["abc/layer.tar"]}]).to_string();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", manifest.as_bytes()),
+        (config_name.as_str(), config.as_bytes()),
+        ("abc/layer.tar", layer),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    fs::write(path, b.into_inner().unwrap()).unwrap();
+}
+
+#[test]
+fn docker_archive_diff_ids_are_checked() {
+    let t = tempfile::tempdir().unwrap();
+    let layer = tar(&[E::Dir("etc/"), E::File("etc/x", b"x")]);
+    let good = t.path().join("good.tar");
+    docker_archive(&good, &layer, None);
+    let out_dir = t.path().join("out");
+    fs::create_dir(&out_dir).unwrap();
+    let built = build_image(&opts(&good, &out_dir.join("ok.ext4"), None)).unwrap();
+    assert!(built.path.exists());
+    fs::remove_file(&built.path).unwrap();
+    let bad = t.path().join("bad.tar");
+    docker_archive(&bad, &layer, Some(format!("sha256:{}", "1".repeat(64))));
+    let err = build_fails(&bad, &out_dir);
+    assert!(matches!(err, BuildError::DigestMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("abc/layer.tar"), "{err}");
+}
