@@ -216,6 +216,13 @@ pub fn detect(path: &Path, kind: InputKind) -> Result<Input> {
     };
     if meta.is_dir() {
         let is_oci = path.join("oci-layout").is_file() && path.join("index.json").is_file();
+        let version = std::fs::read(path.join("version")).unwrap_or_default();
+        if !is_oci && kind == InputKind::Auto && version.starts_with(b"Directory Transport Version")
+        {
+            return Err(unsupported(
+                "a containers/image `dir:` (docker-dir) copy is not supported; save as oci-dir, oci-archive or docker-archive",
+            ));
+        }
         return match kind {
             InputKind::Auto if is_oci => Ok(Input::Oci(Store::Dir(path.to_path_buf()))),
             InputKind::Auto | InputKind::Dir => Ok(Input::Dir(path.to_path_buf())),
