@@ -30,6 +30,13 @@ KILN_KERNEL=$(kernel-config/build.sh --print-path)
 export KILN_KERNEL
 log "kernel: $KILN_KERNEL"
 
+# vhost-device-vsock (rust-vmm) gives QEMU the same hybrid unix-socket vsock as host-vmm: the
+# QEMU backend and the Linux end-to-end tests under QEMU TCG need it.
+if ! command -v vhost-device-vsock >/dev/null 2>&1; then
+  log "installing vhost-device-vsock (cargo install, a few minutes)"
+  cargo install --locked --quiet vhost-device-vsock@0.3.0
+fi
+
 log "building the workspace (release)"
 cargo build --release --workspace --quiet
 log "building guest-init (static musl)"
