@@ -96,7 +96,8 @@ impl Store {
                 Ok((Box::new(file), len))
             }
             Store::Tar { path, members } => {
-                let (offset, size) = *members.get(member).ok_or_else(not_found)?;
+                let key = member_key(Path::new(member)).ok_or_else(not_found)?;
+                let (offset, size) = *members.get(&key).ok_or_else(not_found)?;
                 let mut file = File::open(path).map_err(|e| BuildError::io(path, "open", e))?;
                 file.seek(SeekFrom::Start(offset))
                     .map_err(|e| BuildError::io(path, "seek", e))?;
