@@ -46,13 +46,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Where a stream's output goes.
+#[derive(Default)]
+enum Sink {
+    /// Nobody attached yet: output is kept in `pending`.
+    #[default]
+    Unattached,
+    /// A thread is writing to the connection without the lock; others wait.
+    Busy,
+    /// Attached and idle.
+    Ready(File),
+    /// The connection was closed (end of output, or the reader went away): output is dropped.
+    Closed,
+}
+
 #[derive(Default)]
 struct OutState {
     pending: Vec<u8>,
-    sink: Option<File>,
-    attached: bool,
-    /// The pump owns the sink right now (writing without the lock).
-    writing: bool,
+    sink: Sink,
     eof: bool,
     done: bool,
 }
@@ -89,6 +100,10 @@ impl OutStream {
         lock(&self.state).done
     }
 
+    fn wait<'a>(&self, g: MutexGuard<'a, OutState>) -> MutexGuard<'a, OutState> {
+        self.cond.wait(g).unwrap_or_else(|p| p.into_inner())
+    }
+
     fn pump(&self, mut source: File) {
         let mut chunk = vec![0u8; CHUNK];
         loop {
@@ -104,62 +119,99 @@ impl OutStream {
         drop(source);
         let mut st = lock(&self.state);
         st.eof = true;
-        // Without a sink the pending output stays for a late attach.
-        if let Some(mut sink) = st.sink.take() {
-            let pending = std::mem::take(&mut st.pending);
-            drop(st);
-            let _ = sink.write_all(&pending);
-            shutdown(&sink, Shutdown::Write);
-        } else {
-            drop(st);
+        loop {
+            match std::mem::take(&mut st.sink) {
+                Sink::Busy => {
+                    st.sink = Sink::Busy;
+                    st = self.wait(st);
+                }
+                Sink::Ready(mut conn) => {
+                    st.sink = Sink::Closed;
+                    let pending = std::mem::take(&mut st.pending);
+                    drop(st);
+                    let _ = conn.write_all(&pending);
+                    shutdown(&conn, Shutdown::Write);
+                    st = lock(&self.state);
+                    break;
+                }
+                // Unattached: the pending output waits for a late attach.
+                other => {
+                    st.sink = other;
+                    break;
+                }
+            }
         }
-        lock(&self.state).done = true;
+        st.done = true;
+        drop(st);
+        self.cond.notify_all();
         (self.on_done)();
+    }
+
+    /// Writes `pending` then `data` to the attached connection (lock released meanwhile).
+    fn write_out<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, OutState>,
+        mut conn: File,
+        data: &[u8],
+    ) -> MutexGuard<'a, OutState> {
+        st.sink = Sink::Busy;
+        let pending = std::mem::take(&mut st.pending);
+        drop(st);
+        let ok = conn.write_all(&pending).and_then(|_| conn.write_all(data));
+        let mut st = lock(&self.state);
+        st.sink = if ok.is_ok() {
+            Sink::Ready(conn)
+        } else {
+            Sink::Closed
+        };
+        self.cond.notify_all();
+        st
     }
 
     fn deliver(&self, data: &[u8]) {
         let mut st = lock(&self.state);
         loop {
-            if let Some(mut sink) = st.sink.take() {
-                st.writing = true;
-                let pending = std::mem::take(&mut st.pending);
-                drop(st);
-                let ok = sink.write_all(&pending).and_then(|_| sink.write_all(data));
-                st = lock(&self.state);
-                st.writing = false;
-                if ok.is_ok() {
-                    st.sink = Some(sink);
+            match std::mem::take(&mut st.sink) {
+                Sink::Ready(conn) => {
+                    drop(self.write_out(st, conn, data));
+                    return;
                 }
-                // On error the reader went away: later output is dropped (attached stays set).
-                return;
+                Sink::Busy => {
+                    st.sink = Sink::Busy;
+                    st = self.wait(st);
+                }
+                Sink::Closed => {
+                    st.sink = Sink::Closed;
+                    return;
+                }
+                Sink::Unattached => {
+                    if st.pending.len() + data.len() <= PENDING_LIMIT {
+                        st.pending.extend_from_slice(data);
+                        return;
+                    }
+                    // Full: block (and so the process) until someone attaches.
+                    st = self.wait(st);
+                }
             }
-            if st.attached {
-                return; // attached once, connection gone: discard
-            }
-            if st.pending.len() + data.len() <= PENDING_LIMIT {
-                st.pending.extend_from_slice(data);
-                return;
-            }
-            st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 
     /// Attaches a connection. Output kept so far is written first.
-    pub fn attach(&self, mut conn: File) -> Result<(), AttachError> {
+    pub fn attach(&self, conn: File) -> Result<(), AttachError> {
         let mut st = lock(&self.state);
-        if st.attached {
+        if !matches!(st.sink, Sink::Unattached) {
             return Err(AttachError::AlreadyAttached);
         }
-        st.attached = true;
         if st.eof {
+            st.sink = Sink::Closed;
             let pending = std::mem::take(&mut st.pending);
             drop(st);
+            let mut conn = conn;
             let _ = conn.write_all(&pending);
             shutdown(&conn, Shutdown::Write);
             return Ok(());
         }
-        st.sink = Some(conn);
-        self.cond.notify_all();
+        drop(self.write_out(st, conn, &[]));
         Ok(())
     }
 }

@@ -1,0 +1,560 @@
+//! Shared by the guest-init tests: building the static guest-init, busybox container roots,
+//! container specs, and test cases that run the same way against an agent on the host
+//! (`guest_init_host.rs`, unix socket) and in a VM (`guest_init_qemu.rs`, hybrid vsock).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::fs::symlink;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use kiln_protocol::client::{AgentClient, ClientError};
+use kiln_protocol::codec::{read_frame, write_frame};
+use kiln_protocol::transport::attach_stdio;
+use kiln_protocol::{
+    AgentMessage, ContainerSpec, ErrorKind, Event, ExitStatus, Hello, HostMessage, MountSpec,
+    Namespace, NamespaceKind, ProcessSpec, ProtocolVersion, Request, Resources, Response, RootSpec,
+    StdioStream, TtySize, INIT_EXEC_ID,
+};
+use kiln_tests::guests::target_dir;
+use sha2::{Digest, Sha256};
+
+/// Builds (once) and returns the static musl guest-init; `KILN_GUEST_INIT` overrides.
+pub fn guest_init_bin() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let r = BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("KILN_GUEST_INIT") {
+            return Ok(PathBuf::from(p));
+        }
+        let target = target_dir().map_err(|e| format!("{e:#}"))?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let release = exe.components().any(|c| c.as_os_str() == "release");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(kiln_tests::workspace_root()).args([
+            "build",
+            "-p",
+            "kiln-guest-init",
+            "--target",
+            "x86_64-unknown-linux-musl",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let out = cmd
+            .arg("--target-dir")
+            .arg(&target)
+            .output()
+            .map_err(|e| format!("running cargo: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "building guest-init failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let profile = if release { "release" } else { "debug" };
+        Ok(target
+            .join("x86_64-unknown-linux-musl")
+            .join(profile)
+            .join("guest-init"))
+    });
+    match r {
+        Ok(p) => p.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// A busybox-static tree at `root` (`/bin/busybox` plus one symlink per applet).
+pub fn make_busybox_root(root: &Path) {
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.contains('/') {
+            let _ = symlink("busybox", root.join("bin").join(applet));
+        }
+    }
+}
+
+fn ns(kinds: &[NamespaceKind]) -> Vec<Namespace> {
+    kinds
+        .iter()
+        .map(|&kind| Namespace { kind, path: None })
+        .collect()
+}
+
+fn mount(dest: &str, fstype: &str, options: &[&str]) -> MountSpec {
+    MountSpec {
+        destination: dest.into(),
+        fstype: Some(fstype.into()),
+        source: Some(fstype.into()),
+        options: options.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// A process running `args` with PATH and FOO set.
+pub fn process(args: &[&str]) -> ProcessSpec {
+    ProcessSpec {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/bin".into(), "FOO=bar from spec".into()],
+        cwd: "/".into(),
+        ..Default::default()
+    }
+}
+
+/// `sh -c script`.
+pub fn sh(script: &str) -> ProcessSpec {
+    process(&["sh", "-c", script])
+}
+
+/// A container spec: busybox root at `/rootfs`, the usual mounts, mount/ipc/uts namespaces and,
+/// with `pid_ns`, a pid namespace (without one, orphans come to the agent), running `main`.
+pub fn spec(main: ProcessSpec, pid_ns: bool) -> ContainerSpec {
+    let mut kinds = vec![NamespaceKind::Mount, NamespaceKind::Ipc, NamespaceKind::Uts];
+    if pid_ns {
+        kinds.push(NamespaceKind::Pid);
+    }
+    let mut s = ContainerSpec {
+        process: main,
+        root: RootSpec {
+            path: "/rootfs".into(),
+            ..Default::default()
+        },
+        hostname: Some("kiln-test".into()),
+        mounts: vec![
+            mount("/proc", "proc", &["nosuid"]),
+            mount("/dev", "tmpfs", &["nosuid", "mode=755"]),
+            mount("/dev/pts", "devpts", &["newinstance", "ptmxmode=0666"]),
+            mount("/tmp", "tmpfs", &["nosuid", "nodev"]),
+            mount("/sys", "sysfs", &["ro", "nosuid", "nodev", "noexec"]),
+        ],
+        ..Default::default()
+    };
+    s.linux.namespaces = ns(&kinds);
+    s
+}
+
+/// A connected agent: how to open new connections, and a control client.
+pub struct Target {
+    pub connect: Box<dyn Fn() -> UnixStream + Send + Sync>,
+    pub client: Arc<AgentClient>,
+}
+
+impl Target {
+    /// Connects `connect()` and performs the handshake.
+    pub fn new(connect: Box<dyn Fn() -> UnixStream + Send + Sync>) -> Target {
+        let client =
+            Arc::new(AgentClient::connect(connect(), "guest-init-test").expect("handshake"));
+        Target { connect, client }
+    }
+
+    /// Another control client.
+    pub fn new_client(&self) -> Arc<AgentClient> {
+        Arc::new(AgentClient::connect((self.connect)(), "guest-init-test").expect("handshake"))
+    }
+
+    /// A stdio connection.
+    pub fn attach(&self, container: &str, exec: &str, stream: StdioStream) -> UnixStream {
+        attach_stdio((self.connect)(), container, exec, stream).expect("attach")
+    }
+
+    /// Execs `p`, closes its stdin, collects stdout and stderr, waits: (status, stdout, stderr).
+    pub fn run(&self, id: &str, exec: &str, p: ProcessSpec) -> (ExitStatus, String, String) {
+        let c = &self.client;
+        c.exec(id, exec, p).expect("exec");
+        c.close_stdin(id, exec).expect("close stdin");
+        let out = self.attach(id, exec, StdioStream::Stdout);
+        let err = self.attach(id, exec, StdioStream::Stderr);
+        let err_reader = std::thread::spawn(move || read_all(err));
+        let out = read_all(out);
+        let err = err_reader.join().unwrap();
+        let status = c.wait(id, exec).expect("wait");
+        (
+            status,
+            String::from_utf8_lossy(&out).into_owned(),
+            String::from_utf8_lossy(&err).into_owned(),
+        )
+    }
+
+    /// Creates and starts a container whose main process sleeps.
+    pub fn sleeper(&self, id: &str, pid_ns: bool) {
+        self.client
+            .create_container(id, spec(process(&["sleep", "1000000"]), pid_ns))
+            .expect("create");
+        self.client.start(id).expect("start");
+    }
+}
+
+/// Reads a stream to its end.
+pub fn read_all(mut s: UnixStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("reading stdio");
+    out
+}
+
+/// The kind of an agent error.
+pub fn agent_error(e: ClientError) -> ErrorKind {
+    match e {
+        ClientError::Agent(reply) => reply.kind,
+        other => panic!("expected an agent error, got {other:?}"),
+    }
+}
+
+fn expect_error(s: &mut UnixStream, kind: ErrorKind) {
+    match read_frame::<_, AgentMessage>(s).unwrap() {
+        AgentMessage::Error(e) => assert_eq!(e.kind, kind, "{e}"),
+        other => panic!("expected a {kind:?} error, got {other:?}"),
+    }
+}
+
+/// Version, health, a wrong version, an oversize and a malformed first frame; new connections
+/// keep working after each.
+pub fn case_handshake_and_bad_openings(t: &Target) {
+    t.client.health().unwrap();
+    let v = t.client.version().unwrap();
+    assert!(v.agent.starts_with("kiln-guest-init"), "{v:?}");
+
+    let mut s = (t.connect)();
+    let hello = HostMessage::Hello(Hello {
+        version: ProtocolVersion {
+            major: 99,
+            minor: 0,
+        },
+        client: "future".into(),
+    });
+    write_frame(&mut s, &hello).unwrap();
+    expect_error(&mut s, ErrorKind::IncompatibleVersion);
+    t.new_client().health().unwrap();
+
+    let mut s = (t.connect)();
+    s.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    expect_error(&mut s, ErrorKind::FrameTooLarge);
+    let mut s = (t.connect)();
+    s.write_all(&[3, 0, 0, 0, 0xff, 0xfe, 0xfd]).unwrap();
+    expect_error(&mut s, ErrorKind::MalformedFrame);
+    t.client.health().unwrap();
+    t.new_client().health().unwrap();
+}
+
+/// Malformed and oversize frames after the handshake: error replies, the connection goes on.
+pub fn case_bad_frames_on_control_connection(t: &Target) {
+    let mut s = (t.connect)();
+    let hello = HostMessage::Hello(Hello {
+        version: kiln_protocol::PROTOCOL_VERSION,
+        client: "raw".into(),
+    });
+    write_frame(&mut s, &hello).unwrap();
+    assert!(matches!(
+        read_frame::<_, AgentMessage>(&mut s).unwrap(),
+        AgentMessage::HelloOk(_)
+    ));
+    s.write_all(&[4, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef]).unwrap();
+    expect_error(&mut s, ErrorKind::MalformedFrame);
+    // A Request with a readable id but an unknown call: answered under that id.
+    let mut body = 2u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&77u64.to_le_bytes());
+    body.extend_from_slice(&999u32.to_le_bytes());
+    s.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
+    s.write_all(&body).unwrap();
+    match read_frame::<_, AgentMessage>(&mut s).unwrap() {
+        AgentMessage::Response {
+            id: 77,
+            response: Response::Error(e),
+        } => assert_eq!(e.kind, ErrorKind::Unsupported, "{e}"),
+        other => panic!("expected an error response for id 77, got {other:?}"),
+    }
+    let health = HostMessage::Request {
+        id: 5,
+        request: Request::Health,
+    };
+    write_frame(&mut s, &health).unwrap();
+    match read_frame::<_, AgentMessage>(&mut s).unwrap() {
+        AgentMessage::Response {
+            id: 5,
+            response: Response::Ok,
+        } => {}
+        other => panic!("expected Ok for id 5, got {other:?}"),
+    }
+    s.write_all(&(64u32 << 20).to_le_bytes()).unwrap();
+    expect_error(&mut s, ErrorKind::FrameTooLarge);
+    drop(s);
+    t.new_client().health().unwrap();
+}
+
+/// Exit codes 0/1/3/137, SIGTERM/SIGKILL, a main process's exit, events, error kinds.
+/// Uses containers `ex1` and `ex3`.
+pub fn case_exit_codes_signals_and_events(t: &Target) {
+    let c = t.new_client();
+    let events = c.take_events().expect("event receiver");
+    t.sleeper("ex1", true);
+    for (exec, script, want) in [
+        ("e0", "exit 0", ExitStatus::Exited(0)),
+        ("e1", "exit 1", ExitStatus::Exited(1)),
+        ("e3", "exit 3", ExitStatus::Exited(3)),
+        ("e137", "kill -9 $$", ExitStatus::Signaled(9)),
+    ] {
+        let (status, _, _) = t.run("ex1", exec, sh(script));
+        assert_eq!(status, want, "{script}");
+    }
+    assert_eq!(ExitStatus::Signaled(9).shell_code(), 137);
+
+    c.exec("ex1", "sleep-term", process(&["sleep", "1000"]))
+        .unwrap();
+    c.signal("ex1", "sleep-term", 15).unwrap();
+    assert_eq!(
+        c.wait("ex1", "sleep-term").unwrap(),
+        ExitStatus::Signaled(15)
+    );
+    c.exec("ex1", "sleep-kill", process(&["sleep", "1000"]))
+        .unwrap();
+    c.signal("ex1", "sleep-kill", 9).unwrap();
+    assert_eq!(
+        c.wait("ex1", "sleep-kill").unwrap(),
+        ExitStatus::Signaled(9)
+    );
+
+    c.create_container("ex3", spec(sh("exit 3"), true)).unwrap();
+    c.start("ex3").unwrap();
+    assert_eq!(c.wait("ex3", INIT_EXEC_ID).unwrap(), ExitStatus::Exited(3));
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let want_c3 = ("ex3".to_string(), String::new(), ExitStatus::Exited(3));
+    let want_137 = (
+        "ex1".to_string(),
+        "e137".to_string(),
+        ExitStatus::Signaled(9),
+    );
+    while !(seen.contains(&want_c3) && seen.contains(&want_137)) && Instant::now() < deadline {
+        if let Ok(Event::ProcessExited {
+            container_id,
+            exec_id,
+            status,
+        }) = events.recv_timeout(Duration::from_millis(200))
+        {
+            seen.push((container_id, exec_id, status));
+        }
+    }
+    assert!(
+        seen.contains(&want_c3) && seen.contains(&want_137),
+        "{seen:?}"
+    );
+
+    assert_eq!(
+        agent_error(c.wait("nope", "").unwrap_err()),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        agent_error(c.exec("ex1", "e0", sh("true")).unwrap_err()),
+        ErrorKind::AlreadyExists
+    );
+    assert_eq!(
+        agent_error(c.remove("ex1", false).unwrap_err()),
+        ErrorKind::InvalidState
+    );
+    c.remove("ex1", true).unwrap();
+    c.remove("ex3", false).unwrap();
+    assert_eq!(
+        agent_error(c.stats("ex1").unwrap_err()),
+        ErrorKind::NotFound
+    );
+}
+
+/// stdout/stderr apart, 8 MiB stdin -> cat -> stdout with matching sha256, CloseStdin.
+/// Uses container `io1`.
+pub fn case_stdio(t: &Target) {
+    let c = &t.client;
+    t.sleeper("io1", true);
+    let (status, out, err) = t.run("io1", "apart", sh("echo out; echo err >&2; exit 0"));
+    assert_eq!(status, ExitStatus::Exited(0));
+    assert_eq!(out, "out\n");
+    assert_eq!(err, "err\n");
+
+    c.exec("io1", "cat", process(&["cat"])).unwrap();
+    let mut stdin = t.attach("io1", "cat", StdioStream::Stdin);
+    let stdout = t.attach("io1", "cat", StdioStream::Stdout);
+    let data: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let want = Sha256::digest(&data);
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(&data).unwrap();
+        stdin.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let started = Instant::now();
+    let got = read_all(stdout);
+    let took = started.elapsed();
+    writer.join().unwrap();
+    assert_eq!(got.len(), 8 << 20);
+    assert_eq!(Sha256::digest(&got), want);
+    assert_eq!(c.wait("io1", "cat").unwrap(), ExitStatus::Exited(0));
+    eprintln!(
+        "8 MiB stdin->cat->stdout in {took:?} ({:.1} MB/s each way)",
+        8.0 * 1.048_576 / took.as_secs_f64()
+    );
+
+    c.exec("io1", "close", sh("cat; echo done")).unwrap();
+    let out = t.attach("io1", "close", StdioStream::Stdout);
+    c.close_stdin("io1", "close").unwrap();
+    assert_eq!(read_all(out), b"done\n");
+    assert_eq!(c.wait("io1", "close").unwrap(), ExitStatus::Exited(0));
+    c.remove("io1", true).unwrap();
+}
+
+/// 20 execs at once, each with its own output and exit code. Uses container `cc1`.
+pub fn case_twenty_concurrent_execs(t: &Arc<Target>) {
+    t.sleeper("cc1", true);
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                let script = format!("sleep 0.3; echo exec-{i}; exit {}", i % 7);
+                t.run("cc1", &format!("x{i}"), sh(&script))
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (status, out, _) = h.join().unwrap();
+        assert_eq!(status, ExitStatus::Exited(i as i32 % 7));
+        assert_eq!(out, format!("exec-{i}\n"));
+    }
+    t.client.remove("cc1", true).unwrap();
+}
+
+/// 500 orphans in a container without a pid namespace: they come to the agent. Returns after the
+/// spawning process exited; the caller checks for zombies its own way. Uses container `rp1`.
+pub fn case_spawn_500_orphans(t: &Target) {
+    t.sleeper("rp1", false);
+    let script = "i=0; while [ $i -lt 500 ]; do (true &); i=$((i+1)); done; echo spawned";
+    let (status, out, _) = t.run("rp1", "orphans", sh(script));
+    assert_eq!(status, ExitStatus::Exited(0));
+    assert_eq!(out, "spawned\n");
+}
+
+/// env, hostname, cwd, uid/gid and the pid namespace of an exec. Uses container `en1`.
+pub fn case_env_hostname_user(t: &Target) {
+    t.sleeper("en1", true);
+    let mut p = sh("echo \"$FOO\"; hostname; pwd; id -u; id -g; echo $$");
+    p.cwd = "/tmp".into();
+    p.user.uid = 1234;
+    p.user.gid = 567;
+    let (status, out, err) = t.run("en1", "env", p);
+    assert_eq!(status, ExitStatus::Exited(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[..5],
+        ["bar from spec", "kiln-test", "/tmp", "1234", "567"]
+    );
+    let pid: u32 = lines[5].parse().unwrap();
+    assert!(
+        pid > 1 && pid < 100,
+        "pid {pid} is not in the container's pid namespace"
+    );
+    t.client.remove("en1", true).unwrap();
+}
+
+/// A terminal process: initial size, ResizeTty, input through the pty. Uses container `tt1`.
+pub fn case_terminal(t: &Target) {
+    let c = &t.client;
+    t.sleeper("tt1", true);
+    let mut p = sh("stty size; read line; stty size; echo got-$line");
+    p.terminal = true;
+    p.console_size = Some(TtySize {
+        rows: 40,
+        cols: 100,
+    });
+    c.exec("tt1", "tty", p).unwrap();
+    let mut pty = t.attach("tt1", "tty", StdioStream::Pty);
+    pty.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("40 100") {
+        let n = match pty.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => panic!("pty: {e}; got so far: {:?}", String::from_utf8_lossy(&seen)),
+        };
+        assert!(
+            n > 0,
+            "pty closed early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    c.resize_tty(
+        "tt1",
+        "tty",
+        TtySize {
+            rows: 50,
+            cols: 120,
+        },
+    )
+    .unwrap();
+    pty.write_all(b"hello\n").unwrap();
+    loop {
+        let n = match pty.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => panic!("pty: {e}; got so far: {:?}", String::from_utf8_lossy(&seen)),
+        };
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(
+        text.contains("50 120") && text.contains("got-hello"),
+        "{text}"
+    );
+    assert_eq!(c.wait("tt1", "tty").unwrap(), ExitStatus::Exited(0));
+    assert!(attach_stdio((t.connect)(), "tt1", "tty", StdioStream::Stdout).is_err());
+    c.remove("tt1", true).unwrap();
+}
+
+/// `pids.max` and `memory.max` from the spec: forks fail beyond the limit, an allocating process
+/// is OOM-killed and reported, the agent survives. Uses container `lim`.
+pub fn case_cgroup_limits(t: &Target) {
+    let c = t.new_client();
+    let events = c.take_events().unwrap();
+    let mut s = spec(process(&["sleep", "1000000"]), true);
+    s.linux.resources = Resources {
+        memory_limit: Some(32 << 20),
+        pids_limit: Some(16),
+        ..Default::default()
+    };
+    c.create_container("lim", s).unwrap();
+    c.start("lim").unwrap();
+    let stats = c.stats("lim").unwrap();
+    assert_eq!(stats.pids_max, Some(16));
+    assert_eq!(stats.memory_max, Some(32 << 20));
+    let script = "for i in $(seq 40); do sleep 5 & done; echo spawned";
+    let (_, out, err) = t.run("lim", "forks", sh(script));
+    let stats = c.stats("lim").unwrap();
+    assert!(stats.pids_current <= 16, "{stats:?}");
+    assert!(
+        err.contains("fork") || err.contains("Resource temporarily unavailable"),
+        "no fork failure under pids.max=16: stdout {out:?} stderr {err:?}"
+    );
+    let (status, out, _) = t.run(
+        "lim",
+        "hog",
+        sh("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived"),
+    );
+    assert_eq!(status, ExitStatus::Signaled(9), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut oom = false;
+    while !oom && Instant::now() < deadline {
+        oom = matches!(
+            events.recv_timeout(Duration::from_millis(100)),
+            Ok(Event::OomKilled { ref container_id }) if container_id == "lim"
+        );
+    }
+    assert!(oom, "no OomKilled event");
+    assert!(c.stats("lim").unwrap().oom_kills >= 1);
+    c.health().unwrap();
+    c.remove("lim", true).unwrap();
+}
