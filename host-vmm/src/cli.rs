@@ -1,15 +1,15 @@
 //! Command-line interface of the `host-vmm` binary (clap), turned into a [`VmConfig`].
 //!
 //! Parsing is here rather than in `main.rs` so it is unit-tested. Range and file checks live in
-//! [`VmConfig::validate`] so library users get them too. Issue 3 will add `--vsock-uds PATH`,
-//! `--cid N` and a trailing `-- CMD...`; they are not accepted yet.
+//! [`VmConfig::validate`] so library users get them too. Issue 3 will add a trailing
+//! `-- CMD...`; it is not accepted yet.
 
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
 use crate::boot::BootProtocolChoice;
-use crate::vmm::VmConfig;
+use crate::vmm::{VmConfig, VsockConfig};
 
 /// `--console`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,6 +59,14 @@ pub struct Cli {
     /// Boot protocol.
     #[arg(long, value_enum, default_value_t = BootProtocolArg::Auto)]
     pub boot_protocol: BootProtocolArg,
+    /// Attach a virtio-vsock device whose host side is this unix socket (created; must not
+    /// exist). Host processes connect to it and send `CONNECT <port>\n`; guest connections to
+    /// host port P go to `PATH_P`.
+    #[arg(long, value_name = "PATH")]
+    pub vsock_uds: Option<PathBuf>,
+    /// Guest CID of the vsock device (3 to 4294967294).
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "vsock_uds")]
+    pub cid: u64,
     /// More logging on stderr (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -80,6 +88,10 @@ impl Cli {
                 BootProtocolArg::Pvh => BootProtocolChoice::Pvh,
                 BootProtocolArg::Linux64 => BootProtocolChoice::Linux64,
             },
+            vsock: self.vsock_uds.as_ref().map(|uds| VsockConfig {
+                uds: uds.clone(),
+                cid: self.cid,
+            }),
         }
     }
 
@@ -142,6 +154,25 @@ mod tests {
         );
         assert_eq!(c.extra_cmdline.as_deref(), Some("-- init=/x"));
         assert_eq!(c.boot_protocol, BootProtocolChoice::Linux64);
+    }
+
+    #[test]
+    fn vsock_options() {
+        let c = parse(&["--kernel", "k"]).unwrap().vm_config();
+        assert!(c.vsock.is_none());
+        let c = parse(&["--kernel", "k", "--vsock-uds", "/tmp/v.sock"])
+            .unwrap()
+            .vm_config();
+        let v = c.vsock.expect("vsock configured");
+        assert_eq!((v.uds.to_str(), v.cid), (Some("/tmp/v.sock"), 3));
+        let c = parse(&["--kernel", "k", "--vsock-uds", "v", "--cid", "42"])
+            .unwrap()
+            .vm_config();
+        assert_eq!(c.vsock.map(|v| v.cid), Some(42));
+        assert!(
+            parse(&["--kernel", "k", "--cid", "42"]).is_err(),
+            "--cid needs --vsock-uds"
+        );
     }
 
     #[test]

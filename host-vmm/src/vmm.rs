@@ -23,7 +23,7 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleOutput, SerialConsole};
 use crate::devices::virtio::{
-    Block, BlockError, MmioTransport, VirtioDevice, VirtioError, MMIO_LEN,
+    Block, BlockError, MmioTransport, VirtioDevice, VirtioError, Vsock, VsockError, MMIO_LEN,
 };
 use crate::event_loop::EventLoop;
 use crate::exit::{ExitHandle, VmOutcome};
@@ -59,6 +59,17 @@ pub struct VmConfig {
     pub console: bool,
     /// Boot protocol selection.
     pub boot_protocol: BootProtocolChoice,
+    /// virtio-vsock device, attached after the block device.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// The virtio-vsock device's host side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// Unix socket host processes connect to (created by the VMM; must not exist).
+    pub uds: PathBuf,
+    /// Guest CID.
+    pub cid: u64,
 }
 
 /// Invalid user input, caught before anything is created.
@@ -109,6 +120,9 @@ pub enum VmmError {
     /// vCPU set-up.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// vsock device.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// Block device.
     #[error(transparent)]
     Block(#[from] BlockError),
@@ -287,6 +301,12 @@ pub fn run_vm(config: &VmConfig, start: Instant) -> Result<VmOutcome, VmmError> 
         virtio.push(dev);
         mmio_args.push(arg);
     }
+    if let Some(vsock) = &config.vsock {
+        let device = Vsock::new(vsock.cid, &vsock.uds)?;
+        let (dev, arg) = attach_virtio(&vm, &mem, &mut mmio, virtio.len(), Box::new(device))?;
+        virtio.push(dev);
+        mmio_args.push(arg);
+    }
 
     let pvm = is_pvm_host(Path::new("/sys"));
     if pvm {
@@ -372,6 +392,7 @@ mod tests {
             extra_cmdline: None,
             console: true,
             boot_protocol: BootProtocolChoice::Auto,
+            vsock: None,
         }
     }
 
