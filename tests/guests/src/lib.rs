@@ -16,6 +16,7 @@
 //! | `blk-oob`      | reads past the capacity must fail                                    |
 //! | `blk-flush`    | FLUSH and GET_ID                                                     |
 //! | `reset`        | exit through the i8042 reset only                                    |
+//! | `vsock-*`      | virtio-vsock: echo, connect, sink, source, credit, rst (`vsock_modes`) |
 //! | `triple-fault` | crash on purpose (the VMM must report a guest crash)                 |
 //! | `panic`        | exercise the panic handler (prints `panic=...`, then triple-faults)  |
 //!
@@ -34,6 +35,9 @@ pub mod modes;
 pub mod serial;
 pub mod smp;
 pub mod virtio_blk;
+pub mod vsock;
+pub mod vsock_conn;
+pub mod vsock_modes;
 
 use arch::{outb, triple_fault};
 use bootinfo::BootInfo;

@@ -32,6 +32,7 @@ pub fn run(boot: &BootInfo) {
             // A deliberate out-of-bounds index: the panic handler must report it.
             report!("unreachable={}", v[i]);
         }
+        m if m.starts_with(b"vsock-") => crate::vsock_modes::run(boot, m),
         _ => report!("error=unknown-mode"),
     }
 }
