@@ -271,6 +271,30 @@ fn vsock_host_to_guest_echo_16mib() {
 }
 
 #[test]
+fn vsock_data_in_the_connect_write_is_kept() {
+    if !require_kvm("vsock_data_in_the_connect_write_is_kept") {
+        return;
+    }
+    let vm = VsockVm::start("vsock-echo-server", "", |_| {});
+    vm.wait_report("vsock.listening");
+    // The handshake line and the first bytes in one write, before the guest accepted: the
+    // bytes must wait for the connection, not be taken as part of the handshake.
+    let mut s = UnixStream::connect(&vm.uds).expect("connect");
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    s.write_all(b"CONNECT 5000\nearly bytes").expect("write");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("read");
+    let text = String::from_utf8_lossy(&got);
+    let rest = text
+        .strip_prefix("OK ")
+        .and_then(|t| t.split_once('\n'))
+        .map(|(_, r)| r);
+    assert_eq!(rest, Some("early bytes"), "reply {text:?}");
+    vm.finish();
+}
+
+#[test]
 fn vsock_guest_to_host_echo() {
     if !require_kvm("vsock_guest_to_host_echo") {
         return;
@@ -340,7 +364,16 @@ fn vsock_throughput_each_way() {
     for (i, chunk) in got.chunks(pattern.len()).enumerate() {
         assert_eq!(chunk, &pattern[..chunk.len()], "source chunk {i}");
     }
-    vm.finish();
+    // The guest only half-closed (SHUTDOWN SEND): the host can still send to it.
+    s.write_all(b"bye")
+        .expect("write after the guest's half close");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("read after RST");
+    assert!(rest.is_empty(), "{rest:?}");
+    let out = vm.finish();
+    assert_eq!(out.expect("vsock.bytes_rx"), "3", "{}", out.describe());
+    assert_eq!(out.expect("vsock.closed"), "1");
     eprintln!(
         "vsock 16 MiB: host->guest {:.1} MB/s ({:?}), guest->host {:.1} MB/s ({:?})",
         mbps(data.len(), t_in),

@@ -7,7 +7,7 @@
 //! (no send credit towards the host, a paused connection) is copied into the connection's staging
 //! buffer and counts as unconsumed until it has been sent back; the host may never have more
 //! than `buf_alloc` unconsumed bytes outstanding, which is checked (`credit_violations`).
-//! CREDIT_UPDATE goes out when half of `buf_alloc` was consumed since the host last heard our
+//! CREDIT_UPDATE goes out when a quarter of `buf_alloc` was consumed since the host last heard our
 //! `fwd_cnt`, and in answer to CREDIT_REQUEST.
 //!
 //! Send credit: never more than `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)` bytes in flight;
@@ -28,7 +28,8 @@ pub enum App {
     Echo,
     /// Consumes and counts; on the peer's SHUTDOWN(SEND) replies with the count (8 bytes LE).
     Sink,
-    /// Sends `source_bytes` pattern bytes, then closes.
+    /// Sends `source_bytes` pattern bytes, then SHUTDOWN(SEND); consumes and counts what the
+    /// host still sends; RST once the host stopped sending too.
     Source,
     /// Consumes and records received bytes in [`Stats::control`]; closes when the peer does.
     Control,
@@ -170,6 +171,8 @@ pub struct Stack {
     pending_rst_len: usize,
     next_port: u32,
     rr: usize,
+    /// One past the highest slot in use: loops stop there (every instruction costs here).
+    used_hi: usize,
     pub stats: Stats,
 }
 
@@ -186,6 +189,7 @@ impl Stack {
             pending_rst_len: 0,
             next_port: FIRST_LOCAL_PORT,
             rr: 0,
+            used_hi: 0,
             stats: Stats::default(),
         }
     }
@@ -228,6 +232,7 @@ impl Stack {
 
     fn alloc(&mut self, local_port: u32, peer_port: u32, app: App) -> Option<usize> {
         let i = self.conns.iter().position(|c| c.state == State::Free)?;
+        self.used_hi = self.used_hi.max(i + 1);
         let gen = self.conns[i].gen.wrapping_add(1);
         self.conns[i] = Conn {
             state: State::Established,
@@ -253,6 +258,9 @@ impl Stack {
             self.conns[i].state = State::Free;
             self.stats.open = self.stats.open.saturating_sub(1);
             self.stats.closed += 1;
+        }
+        while self.used_hi > 0 && self.conns[self.used_hi - 1].state == State::Free {
+            self.used_hi -= 1;
         }
     }
 
@@ -328,7 +336,7 @@ impl Stack {
             self.stats.bad_packets += 1;
             return false;
         }
-        let found = self.conns.iter().position(|c| {
+        let found = self.conns[..self.used_hi].iter().position(|c| {
             c.state != State::Free && c.local_port == h.dst_port && c.peer_port == h.src_port
         });
         let Some(i) = found else {
@@ -493,13 +501,17 @@ impl Stack {
             let h = self.pending_rst[self.pending_rst_len];
             dev.send_control(&h, &[]);
         }
-        let start = self.rr;
-        self.rr = (self.rr + 1) % MAX_CONNS;
-        for k in 0..MAX_CONNS {
+        let n = self.used_hi;
+        if n == 0 {
+            return;
+        }
+        let start = self.rr % n;
+        self.rr = start + 1;
+        for k in 0..n {
             if dev.tx_free() == 0 {
                 return;
             }
-            let i = (start + k) % MAX_CONNS;
+            let i = (start + k) % n;
             if self.conns[i].state != State::Free {
                 self.pump_one(dev, i);
             }
@@ -553,7 +565,7 @@ impl Stack {
         }
         let c = self.conns[i];
         let consumed = c.fwd_cnt.wrapping_sub(c.last_fwd_sent);
-        if (c.owe_credit || consumed >= c.buf_alloc / 2)
+        if (c.owe_credit || consumed >= c.buf_alloc / 4)
             && self.control(dev, i, op::CREDIT_UPDATE, 0, &[])
         {
             self.conns[i].owe_credit = false;
@@ -629,13 +641,26 @@ impl Stack {
     }
 
     /// Orderly close once a connection has nothing left to do: SHUTDOWN(BOTH), then the host's
-    /// RST ends it.
+    /// RST ends it (Source connections half-close instead).
     fn maybe_close(&mut self, dev: &mut VsockDev, i: usize) {
         let c = self.conns[i];
         let peer_done = c.peer_shut & SHUTDOWN_SEND != 0;
         let done = match c.app {
             App::Echo | App::Control => peer_done && c.stage_len == 0,
-            App::Source => c.source_left == 0,
+            App::Source => {
+                // Half close: SHUTDOWN(SEND) once everything went out, keep receiving until the
+                // host stops sending too, then end it with RST (as Linux does).
+                if c.source_left == 0
+                    && !c.shut_sent
+                    && self.control(dev, i, op::SHUTDOWN, SHUTDOWN_SEND, &[])
+                {
+                    self.conns[i].shut_sent = true;
+                }
+                if self.conns[i].shut_sent && peer_done {
+                    self.conns[i].owe_rst = true;
+                }
+                return;
+            }
             App::Sink => {
                 if peer_done && !c.count_sent {
                     let count = c.received.to_le_bytes();

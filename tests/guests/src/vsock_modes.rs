@@ -6,7 +6,8 @@
 //! | `vsock-echo-server` | listens on 5000, echoes every connection; ends after `kiln.vsock.conns` |
 //! | `vsock-connect`     | opens `kiln.vsock.conns` connections to host port 6000 and echoes      |
 //! | `vsock-sink`        | listens on 5000, counts bytes, answers the count (8 bytes LE) at EOF   |
-//! | `vsock-source`      | listens on 5000, sends `kiln.vsock.bytes` pattern bytes, closes        |
+//! | `vsock-source`      | listens on 5000, sends `kiln.vsock.bytes` pattern bytes, half-closes,  |
+//! |                     | counts what the host sends after that, RST when the host is done       |
 //! | `vsock-credit`      | echo on 5000 but consumes nothing until a byte arrives on port 5001    |
 //! | `vsock-rst`         | connects to host port 6001 (no listener), sends a stray packet, then   |
 //! |                     | serves port 5000 only (a CONNECT to any other port gets RST)           |
