@@ -406,7 +406,7 @@ fn apply_layers(
     for (i, layer) in plan.layers.iter().enumerate() {
         let shown = store.display(&layer.member).display().to_string();
         let short = layer.member.rsplit('/').next().unwrap_or(&layer.member);
-        let short = &short[..short.len().min(12)];
+        let short: String = short.chars().take(12).collect();
         if let Some((digest, size)) = &layer.blob {
             progress.message(&format!("verifying layer {}/{count} {short}", i + 1));
             image::verify_blob(store, digest, *size)?;
