@@ -23,6 +23,9 @@ use crate::agent::{err, Agent};
 /// Agent name sent in `HelloOk` and `Version`.
 pub const AGENT_NAME: &str = concat!("kiln-guest-init ", env!("CARGO_PKG_VERSION"));
 
+/// Calls in flight on one control connection (each runs on its own thread).
+const MAX_IN_FLIGHT: usize = 256;
+
 /// Opening frames tolerated before a connection is dropped (after errors).
 const MAX_OPENING_ATTEMPTS: usize = 8;
 
@@ -187,19 +190,28 @@ fn handle_frame(
             return;
         }
     };
-    if !in_flight
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id)
-    {
+    let admitted = {
+        let mut set = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if set.len() >= MAX_IN_FLIGHT {
+            Err(err(
+                ErrorKind::ResourceExhausted,
+                format!("at most {MAX_IN_FLIGHT} calls in flight per connection"),
+            ))
+        } else if !set.insert(id) {
+            Err(err(
+                ErrorKind::ProtocolViolation,
+                format!("request id {id} is already in flight"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    if let Err(e) = admitted {
         send(
             writer,
             &AgentMessage::Response {
                 id,
-                response: Response::Error(err(
-                    ErrorKind::ProtocolViolation,
-                    format!("request id {id} is already in flight"),
-                )),
+                response: Response::Error(e),
             },
         );
         return;

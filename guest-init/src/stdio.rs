@@ -42,6 +42,13 @@ pub fn shutdown(f: &File, how: Shutdown) {
     unsafe { libc::shutdown(f.as_raw_fd(), how) };
 }
 
+/// Ends an output connection. Both directions: a pty connection's input side is useless once
+/// the terminal is gone, and some hybrid-vsock bridges forward only a full close, not a
+/// half-close, to the host.
+fn end_of_output(conn: &File) {
+    shutdown(conn, Shutdown::Both);
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -130,7 +137,7 @@ impl OutStream {
                     let pending = std::mem::take(&mut st.pending);
                     drop(st);
                     let _ = conn.write_all(&pending);
-                    shutdown(&conn, Shutdown::Write);
+                    end_of_output(&conn);
                     st = lock(&self.state);
                     break;
                 }
@@ -208,7 +215,7 @@ impl OutStream {
             drop(st);
             let mut conn = conn;
             let _ = conn.write_all(&pending);
-            shutdown(&conn, Shutdown::Write);
+            end_of_output(&conn);
             return Ok(());
         }
         drop(self.write_out(st, conn, &[]));

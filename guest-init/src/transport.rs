@@ -5,6 +5,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -13,12 +14,36 @@ use crate::agent::Agent;
 
 const CONNECTION_STACK: usize = 256 * 1024;
 
+/// Connections being served at once (control connections for their lifetime, stdio connections
+/// until attached); more are closed at accept.
+const MAX_CONNECTIONS: usize = 1024;
+
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one open connection for as long as it lives.
+struct Slot;
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn spawn_connection(agent: &Arc<Agent>, fd: OwnedFd) {
+    if OPEN.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+        log::warn!("refusing a connection: {MAX_CONNECTIONS} already open");
+        return;
+    }
+    let slot = Slot;
     let agent = agent.clone();
     let spawned = std::thread::Builder::new()
         .name("conn".into())
         .stack_size(CONNECTION_STACK)
-        .spawn(move || crate::server::serve(agent, File::from(fd)));
+        .spawn(move || {
+            let _slot = slot;
+            crate::server::serve(agent, File::from(fd))
+        });
     if let Err(e) = spawned {
         log::warn!("no thread for a new connection: {e}");
     }

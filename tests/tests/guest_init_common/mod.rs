@@ -539,12 +539,10 @@ pub fn case_cgroup_limits(t: &Target) {
         err.contains("fork") || err.contains("Resource temporarily unavailable"),
         "no fork failure under pids.max=16: stdout {out:?} stderr {err:?}"
     );
-    let (status, out, _) = t.run(
-        "lim",
-        "hog",
-        sh("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived"),
-    );
-    assert_eq!(status, ExitStatus::Signaled(9), "{out}");
+    // dd allocates its 200 MiB block and fills it from /dev/zero: far above memory.max.
+    let hog = process(&["dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"]);
+    let (status, out, err) = t.run("lim", "hog", hog);
+    assert_eq!(status, ExitStatus::Signaled(9), "{out} {err}");
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut oom = false;
     while !oom && Instant::now() < deadline {
