@@ -42,12 +42,13 @@ pub fn join(parts: &[OsString]) -> PathBuf {
     parts.iter().collect()
 }
 
-/// What to do when a component of a parent path does not exist.
+/// What to do when a component of the path does not exist.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Missing {
-    /// Create it as a directory (mode 0755, owned by root), as tar extractors do.
+    /// Create it, the last component included, as a directory (mode 0755, owned by root), as
+    /// tar extractors do for parents that a layer does not list.
     Create,
-    /// Report `NotFound`.
+    /// Report `NotFound`, except for a missing last component, which is returned as is.
     Fail,
 }
 
@@ -114,15 +115,14 @@ pub fn resolve(
         let meta = match fs::symlink_metadata(&host) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if is_last {
-                    break;
-                }
                 match missing {
                     Missing::Create => {
                         create_dir_default(&host)
                             .map_err(|e| format!("mkdir {}: {e}", show(&real)))?;
                         continue;
                     }
+                    // A missing last component is the caller's business (it may create it).
+                    Missing::Fail if is_last => break,
                     Missing::Fail => {
                         return Err(ResolveError::NotFound(format!(
                             "{} does not exist",

@@ -109,6 +109,16 @@ fn apply(root: &Path, layers: &[Vec<u8>]) -> Result<(), BuildError> {
 }
 
 #[test]
+fn undeclared_parent_directories_are_created() {
+    let t = tempfile::tempdir().unwrap();
+    apply(t.path(), &[tar(&[E::File("x/y/z", b"z"), E::Dir("p/q/")])]).unwrap();
+    assert_eq!(fs::read(t.path().join("x/y/z")).unwrap(), b"z");
+    assert!(t.path().join("p/q").is_dir());
+    let m = fs::metadata(t.path().join("x/y")).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o755);
+}
+
+#[test]
 fn whiteouts_remove_lower_files() {
     let t = tempfile::tempdir().unwrap();
     let l1 = tar(&[
@@ -523,4 +533,115 @@ fn docker_archive_diff_ids_are_checked() {
     let err = build_fails(&bad, &out_dir);
     assert!(matches!(err, BuildError::DigestMismatch { .. }), "{err}");
     assert!(err.to_string().contains("abc/layer.tar"), "{err}");
+}
+
+/// Random layers built from hostile pieces (`..`, absolute names, symlinks to `/` and above the
+/// root, hard links, whiteouts) must never touch anything outside the staging root: each layer
+/// either applies or fails with an error, and never panics.
+#[test]
+fn random_hostile_layers_stay_inside_the_root() {
+    const PIECES: &[&str] = &[
+        "a",
+        "b",
+        "l",
+        "d",
+        "sentinel",
+        "keep",
+        ".wh.a",
+        ".wh..wh..opq",
+        ".",
+    ];
+    // One component in 20 is hostile, so that many layers apply and many are refused.
+    const HOSTILE: &[&str] = &["..", "/etc"];
+    const TARGETS: &[&str] = &[
+        "a",
+        "..",
+        "../..",
+        "/",
+        "/etc",
+        "d",
+        "l/..",
+        "b/../../x",
+        ".",
+    ];
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let outer = tempfile::tempdir().unwrap();
+    let sentinel = outer.path().join("sentinel");
+    fs::create_dir(&sentinel).unwrap();
+    fs::write(sentinel.join("keep"), b"keep").unwrap();
+    let (mut applied, mut refused) = (0, 0);
+    for round in 0..300 {
+        let root = outer.path().join("root");
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir(&root).unwrap();
+        for _layer in 0..3 {
+            let names: Vec<String> = (0..6)
+                .map(|_| {
+                    let depth = 1 + next(3);
+                    (0..depth)
+                        .map(|_| {
+                            if next(20) == 0 {
+                                HOSTILE[next(HOSTILE.len())]
+                            } else {
+                                PIECES[next(PIECES.len())]
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join("/")
+                })
+                .collect();
+            let targets: Vec<&str> = (0..6).map(|_| TARGETS[next(TARGETS.len())]).collect();
+            let entries: Vec<E> = names
+                .iter()
+                .zip(&targets)
+                .map(|(n, t)| match next(5) {
+                    0 => E::Dir(n),
+                    1 => E::File(n, b"data"),
+                    2 => E::Sym(n, t),
+                    3 => E::Link(n, t),
+                    _ => E::File(n, b""),
+                })
+                .filter(|e| match e {
+                    E::Dir(n) | E::File(n, _) | E::Sym(n, _) | E::Link(n, _) => n.len() < 100,
+                    E::Char(..) => true,
+                })
+                .collect();
+            match apply(&root, &[tar(&entries)]) {
+                Ok(()) => applied += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        let mut names: Vec<_> = fs::read_dir(outer.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("root"), "sentinel".into()],
+            "round {round}"
+        );
+        let kept: Vec<_> = fs::read_dir(&sentinel)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            kept,
+            vec![std::ffi::OsString::from("keep")],
+            "round {round}"
+        );
+        assert_eq!(fs::read(sentinel.join("keep")).unwrap(), b"keep");
+    }
+    // Both outcomes must be common, or the test would not exercise anything.
+    eprintln!("random layers: {applied} applied, {refused} refused");
+    assert!(
+        applied > 50 && refused > 50,
+        "applied {applied}, refused {refused}"
+    );
 }
