@@ -13,6 +13,17 @@
 //! Finished images are kept in a content-addressed cache ([`BuildOptions::cache`]); building the
 //! same input again returns the cached image. This crate never writes outside the output path,
 //! its temporary siblings and the cache, and leaves no partial output on error.
+//!
+//! ```no_run
+//! use rootfs_builder::{build_image, BuildOptions, InputKind, Layout};
+//!
+//! let mut opts = BuildOptions::new("/run/bundle/rootfs", Some("/run/kiln/ctr.ext4".into()));
+//! opts.input_kind = InputKind::Dir;
+//! opts.layout = Layout::Agent { guest_init: "/usr/lib/kiln/guest-init".into() };
+//! let built = build_image(&opts)?;
+//! println!("{} (cache hit: {})", built.path.display(), built.cache_hit);
+//! # Ok::<(), rootfs_builder::BuildError>(())
+//! ```
 #![forbid(unsafe_code)]
 
 mod bundle;
