@@ -74,6 +74,83 @@ impl Cache {
     }
 }
 
+/// What [`prune`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneStats {
+    /// Images removed.
+    pub removed: usize,
+    /// Bytes (allocated) freed.
+    pub freed: u64,
+    /// Images kept.
+    pub kept: usize,
+    /// Bytes (allocated) still used by the kept images.
+    pub used: u64,
+}
+
+/// Records a use of a cached image (its mtime), so [`prune`] removes the least recently used.
+pub fn touch(image: &Path) {
+    if let Ok(f) = File::options().write(true).open(image) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// Removes least recently used images (by mtime, which builds and cache hits update) until the
+/// images use at most `max_bytes` of disk. An image whose key is being built (lock held) is
+/// skipped; a process copying an image keeps reading it after the unlink.
+pub fn prune(dir: &Path, max_bytes: u64) -> Result<PruneStats> {
+    let images = dir.join("images");
+    let mut entries = Vec::new();
+    let listing = match fs::read_dir(&images) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(PruneStats::default()),
+        Err(e) => return Err(BuildError::io(&images, "read cache", e)),
+    };
+    for entry in listing {
+        let entry = entry.map_err(|e| BuildError::io(&images, "read cache", e))?;
+        let Ok(m) = entry.metadata() else { continue };
+        if m.is_file() {
+            entries.push((m.mtime(), m.blocks() * 512, entry.path()));
+        }
+    }
+    entries.sort();
+    let mut stats = PruneStats {
+        kept: entries.len(),
+        used: entries.iter().map(|e| e.1).sum(),
+        ..PruneStats::default()
+    };
+    let cache = Cache {
+        dir: dir.to_path_buf(),
+    };
+    for (_, bytes, path) in entries {
+        if stats.used <= max_bytes {
+            break;
+        }
+        let key = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let lock_path = cache.dir.join("locks").join(format!("{key}.lock"));
+        let Ok(file) = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+        else {
+            continue;
+        };
+        let Ok(_lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        fs::remove_file(&path).map_err(|e| BuildError::io(&path, "remove", e))?;
+        // The (empty) lock file stays: deleting it could let two builders lock different inodes.
+        stats.removed += 1;
+        stats.kept -= 1;
+        stats.freed += bytes;
+        stats.used -= bytes;
+    }
+    Ok(stats)
+}
+
 /// Incremental key builder: a sha256 over tagged fields.
 pub struct KeyHasher(Sha256);
 

@@ -43,6 +43,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use bundle::{build_bundle, BuiltBundle, BundleOptions};
+pub use cache::{prune as prune_cache, PruneStats};
 pub use error::BuildError;
 pub use image::{ContainerConfig, ImageConfig};
 pub use mkfs::{parse_size, Format};

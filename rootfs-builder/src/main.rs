@@ -87,6 +87,15 @@ enum Command {
         #[arg(long)]
         no_cache: bool,
     },
+    /// Remove least recently used cached images until the cache fits in SIZE.
+    Prune {
+        /// Cache directory.
+        #[arg(long, default_value = rootfs_builder::DEFAULT_CACHE_DIR)]
+        cache: PathBuf,
+        /// Disk space the cached images may keep (e.g. 10G, 0 to empty the cache).
+        #[arg(long)]
+        max_size: String,
+    },
     /// Build an OCI runtime bundle (config.json, rootfs/, block image).
     Bundle {
         /// The image: any input `build --from` accepts.
@@ -171,6 +180,17 @@ fn run(cli: Cli) -> Result<()> {
                 built.path.display(),
                 built.size,
                 if built.cache_hit { ", cached" } else { "" }
+            );
+        }
+        Command::Prune { cache, max_size } => {
+            let max = rootfs_builder::parse_size(&max_size).map_err(anyhow::Error::msg)?;
+            let stats = rootfs_builder::prune_cache(&cache, max)?;
+            println!(
+                "removed {} images ({} MiB), kept {} ({} MiB)",
+                stats.removed,
+                stats.freed >> 20,
+                stats.kept,
+                stats.used >> 20
             );
         }
         Command::Bundle {

@@ -134,6 +134,7 @@ fn build_image_inner(opts: &BuildOptions, progress: &dyn Progress) -> Result<Bui
     let cached = cache.image_path(&key, opts.format.extension());
     let mut config = None;
     let hit = if cached.is_file() {
+        crate::cache::touch(&cached);
         true
     } else {
         let _lock = cache.lock(&key)?;

@@ -1,6 +1,6 @@
 //! Unit tests of the whole library on small, hand-made layers and OCI layouts.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -462,6 +462,39 @@ fn cache_hit_returns_the_same_image() {
     o.out = None;
     let fourth = build_image(&o).unwrap();
     assert!(fourth.cache_hit && fourth.path.starts_with(&cache));
+}
+
+#[test]
+fn prune_removes_least_recently_used_images() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let layout = oci_layout(
+            &t.path().join(format!("img{i}")),
+            &[(TAR, tar(&[E::File("f", &[i as u8; 9000])]))],
+            "amd64",
+        );
+        let mut o = opts(&layout, &t.path().join("unused"), Some(&cache));
+        o.out = None;
+        let built = build_image(&o).unwrap();
+        // Distinct, ordered use times.
+        let f = File::options().write(true).open(&built.path).unwrap();
+        f.set_modified(
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64),
+        )
+        .unwrap();
+        keys.push(built.path);
+    }
+    let all = crate::prune_cache(&cache, u64::MAX).unwrap();
+    assert_eq!((all.removed, all.kept), (0, 3));
+    let allocated = |p: &PathBuf| fs::metadata(p).unwrap().blocks() * 512;
+    let newest_two = allocated(&keys[1]) + allocated(&keys[2]);
+    let stats = crate::prune_cache(&cache, newest_two).unwrap();
+    assert_eq!((stats.removed, stats.kept), (1, 2));
+    assert!(!keys[0].exists() && keys[1].exists() && keys[2].exists());
+    let stats = crate::prune_cache(&cache, 0).unwrap();
+    assert_eq!((stats.removed, stats.kept, stats.used), (2, 0, 0));
 }
 
 #[test]
