@@ -524,6 +524,35 @@ fn vsock_rst_on_closed_ports() {
 }
 
 #[test]
+fn vsock_device_reset_ends_connections() {
+    if !require_kvm("vsock_device_reset_ends_connections") {
+        return;
+    }
+    let vm = VsockVm::start("vsock-reset", "", |_| {});
+    vm.wait_report("vsock.listening");
+    let mut old = vm.connect(5000);
+    old.write_all(b"x").expect("write");
+    assert_eq!(vm.wait_report("vsock.reset.open_before"), "1");
+    assert_eq!(vm.wait_report("vsock.reset"), "1");
+    // The reset dropped the connection: EOF (or a reset) after at most the echoed byte.
+    let mut rest = Vec::new();
+    match old.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.len() <= 1, "{rest:?}"),
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+    }
+    vm.wait_report("vsock.listening");
+    let data = Arc::new(pseudo_random(300_000, 77));
+    let (back, _) = echo(vm.connect(5000), data.clone());
+    assert_eq!(sha(&back), sha(&data), "echo after the reset");
+    let out = vm.finish();
+    assert_eq!(
+        out.expect("vsock.accepted"),
+        "1",
+        "counters restart at the reset"
+    );
+}
+
+#[test]
 fn vsock_64_concurrent_connections() {
     if !require_kvm("vsock_64_concurrent_connections") {
         return;

@@ -11,6 +11,8 @@
 //! | `vsock-credit`      | echo on 5000 but consumes nothing until a byte arrives on port 5001    |
 //! | `vsock-rst`         | connects to host port 6001 (no listener), sends a stray packet, then   |
 //! |                     | serves port 5000 only (a CONNECT to any other port gets RST)           |
+//! | `vsock-reset`       | echo on 5000; after the first bytes, resets and re-initialises the     |
+//! |                     | device (status 0), then echoes one more connection                     |
 //!
 //! Options: `kiln.vsock.buf=` (buf_alloc per connection, default 64 KiB, at most 128 KiB),
 //! `kiln.vsock.conns=` (default 1), `kiln.vsock.port=`, `kiln.vsock.bytes=` (source, default
@@ -76,6 +78,7 @@ pub fn run(boot: &BootInfo, mode: &[u8]) {
         b"vsock-connect" => run.connect(&mut dev, or(port, HOST_PORT), conns),
         b"vsock-credit" => run.credit(&mut dev),
         b"vsock-rst" => run.rst(&mut dev),
+        b"vsock-reset" => run.reset(&mut dev, boot),
         _ => {
             report!("error=unknown-mode");
             return;
@@ -177,6 +180,28 @@ impl Run {
         self.st.set_paused(App::Echo, false);
         report!("vsock.credit.resumed=1");
         self.drive(dev, |st| st.stats.accepted >= 2 && st.open() == 0)
+    }
+
+    /// Device reset with a connection open: the host must see it end; the device must then work
+    /// as new.
+    fn reset(&mut self, dev: &mut VsockDev, boot: &BootInfo) -> bool {
+        self.st.listen(SERVER_PORT, App::Echo, false);
+        report!("vsock.listening={}", SERVER_PORT);
+        if !self.drive(dev, |st| st.stats.bytes_rx > 0) {
+            return false;
+        }
+        let before = self.st.stats;
+        report!("vsock.reset.open_before={}", before.open);
+        *dev = match VsockDev::find(boot) {
+            Ok(d) => d,
+            Err(e) => {
+                report!("vsock.error=reinit:{:?}", e);
+                return true;
+            }
+        };
+        self.st = Stack::new(dev.cid, self.st.buf_alloc());
+        report!("vsock.reset=1");
+        self.serve(dev, SERVER_PORT, App::Echo, 1)
     }
 
     /// RST paths: our REQUEST to a port without listener, a packet for no connection, and
