@@ -1,0 +1,137 @@
+//! `kiln create`: pack the disk, start the shim (which boots the VM and creates the process
+//! without starting it), write the pid file. Everything is removed again if any step fails.
+
+use std::collections::BTreeMap;
+use std::process::Child;
+use std::time::Instant;
+
+use super::{write_pid_file, CommandError, Context};
+use crate::bundle::{Bundle, VmSize, ANNOTATION_VMM};
+use crate::cli::CreateArgs;
+use crate::config::VmmChoice;
+use crate::image::pack_rootfs;
+use crate::shim::ShimRequest;
+use crate::state::{validate_id, ContainerState, Status};
+
+/// Runs `create`; exit code 0 once the container is created.
+pub fn run(ctx: &Context, args: &CreateArgs) -> Result<i32, CommandError> {
+    let child = create(ctx, args, false)?;
+    if let Some(pid_file) = &args.pid_file {
+        write_pid_file(pid_file, child.id())?;
+    }
+    Ok(0)
+}
+
+/// Creates the container and returns the shim (a child of this process until we exit).
+/// `own_terminal`: a terminal process without `--console-socket` uses our stdin/stdout
+/// (`kiln run -t` from a shell).
+pub fn create(ctx: &Context, args: &CreateArgs, own_terminal: bool) -> Result<Child, CommandError> {
+    let started = Instant::now();
+    validate_id(&args.id)?;
+    if args.preserve_fds > 0 {
+        return Err(CommandError::Unsupported(
+            "--preserve-fds is not supported: host fds cannot be passed into a VM".into(),
+        ));
+    }
+    let bundle = Bundle::load(&args.bundle)?;
+    let spec = bundle.container_spec()?;
+    if spec.process.terminal && args.console_socket.is_none() && !own_terminal {
+        return Err(CommandError::Usage(
+            "cannot allocate tty if kiln will detach without setting console socket".into(),
+        ));
+    }
+    if !spec.process.terminal && args.console_socket.is_some() {
+        return Err(CommandError::Usage(
+            "cannot use console socket if kiln will not detach or allocate tty".into(),
+        ));
+    }
+    let cfg = ctx.config()?;
+    let size = bundle.vm_size(VmSize {
+        memory_mib: cfg.memory_mib,
+        vcpus: cfg.vcpus,
+    })?;
+    let annotations: BTreeMap<String, String> = bundle.annotations();
+    let vmm = ctx
+        .global
+        .vmm
+        .clone()
+        .or_else(|| annotations.get(ANNOTATION_VMM).cloned());
+    let vmm = match vmm {
+        Some(v) => {
+            v.parse::<VmmChoice>()?;
+            v
+        }
+        None => vmm_name(cfg.vmm).to_string(),
+    };
+
+    let dir = ctx.store.create_dir(&args.id)?;
+    let lock = ctx.store.lock(&args.id);
+    let result = lock.map_err(CommandError::from).and_then(|_lock| {
+        let state = ContainerState {
+            id: args.id.clone(),
+            bundle: bundle.dir.clone(),
+            rootfs: bundle.rootfs.clone(),
+            created: crate::logging::rfc3339(std::time::SystemTime::now(), true),
+            status: Status::Creating,
+            shim_pid: None,
+            shim_start: None,
+            vmm_pid: None,
+            guest_pid: None,
+            vsock_uds: None,
+            backend: None,
+            exit_code: None,
+            annotations,
+            terminal: spec.process.terminal,
+        };
+        ctx.store.save(&state)?;
+        let disk = dir.join("rootfs.ext4");
+        let packed = pack_rootfs(&cfg, &bundle.rootfs, &disk)?;
+        log::info!(
+            "timing {}: image {} ms ({})",
+            args.id,
+            packed.elapsed.as_millis(),
+            if packed.cache_hit { "cache hit" } else { "built" }
+        );
+        let request = ShimRequest {
+            spec: spec.clone(),
+            disk,
+            memory_mib: size.memory_mib,
+            vcpus: size.vcpus,
+            vmm: vmm.clone(),
+            console_socket: args.console_socket.clone(),
+            own_terminal,
+        };
+        let path = dir.join("shim.json");
+        let json = serde_json::to_vec(&request).map_err(|e| {
+            CommandError::io(&path, "serialise", std::io::Error::other(e.to_string()))
+        })?;
+        std::fs::write(&path, json).map_err(|e| CommandError::io(&path, "write", e))?;
+        let shim_started = Instant::now();
+        let child = ctx.spawn_helper(&["shim", "--id", &args.id])?;
+        log::info!(
+            "timing {}: shim ready (VM booted, agent up, process created) {} ms, create total {} ms",
+            args.id,
+            shim_started.elapsed().as_millis(),
+            started.elapsed().as_millis()
+        );
+        Ok(child)
+    });
+    if result.is_err() {
+        if let Ok(state) = ctx.store.load(&args.id) {
+            super::delete::kill_processes(&state);
+        }
+        let _ = ctx.store.remove(&args.id);
+    }
+    result
+}
+
+/// The config name of a VMM choice.
+pub fn vmm_name(choice: VmmChoice) -> &'static str {
+    match choice {
+        VmmChoice::Auto => "auto",
+        VmmChoice::HostVmm => "host-vmm",
+        VmmChoice::Qemu => "qemu",
+        VmmChoice::QemuKvm => "qemu-kvm",
+        VmmChoice::QemuTcg => "qemu-tcg",
+    }
+}

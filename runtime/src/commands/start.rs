@@ -1,0 +1,40 @@
+//! `kiln start`: let the created process run.
+
+use super::{CommandError, Context};
+use crate::shim::exec::connect;
+use crate::state::Status;
+
+/// Runs `start`.
+pub fn run(ctx: &Context, id: &str) -> Result<i32, CommandError> {
+    let _lock = ctx.store.lock(id)?;
+    let mut state = ctx.store.load(id)?;
+    match state.status() {
+        Status::Created => {}
+        Status::Running | Status::Paused => {
+            return Err(CommandError::InvalidState(
+                "cannot start an already running container".into(),
+            ))
+        }
+        Status::Stopped => {
+            return Err(CommandError::InvalidState(
+                "cannot start a container that has stopped".into(),
+            ))
+        }
+        Status::Creating => {
+            return Err(CommandError::InvalidState(
+                "cannot start a container that is still being created".into(),
+            ))
+        }
+    }
+    let uds = state
+        .vsock_uds
+        .clone()
+        .ok_or_else(|| CommandError::InvalidState("container has no VM socket recorded".into()))?;
+    let client = connect(&uds, "kiln start")?;
+    client
+        .start(id)
+        .map_err(|e| CommandError::Agent("the agent could not start the container".into(), e))?;
+    state.status = Status::Running;
+    ctx.store.save(&state)?;
+    Ok(0)
+}
