@@ -11,4 +11,5 @@ pub mod exit;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod seccomp;
 pub mod vmm;
