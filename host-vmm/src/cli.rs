@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 
 use crate::boot::BootProtocolChoice;
+use crate::seccomp::SeccompMode;
 use crate::vmm::{VmConfig, VsockConfig};
 
 /// `--console`.
@@ -67,6 +68,10 @@ pub struct Cli {
     /// Guest CID of the vsock device (3 to 4294967294).
     #[arg(long, value_name = "N", default_value_t = 3, requires = "vsock_uds")]
     pub cid: u64,
+    /// Per-thread seccomp filters: `kill` (default) kills the process on a call outside a
+    /// thread's list, `log` names the call on stderr and fails it with ENOSYS, `off` disables.
+    #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
+    pub seccomp: SeccompMode,
     /// More logging on stderr (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -92,6 +97,7 @@ impl Cli {
                 uds: uds.clone(),
                 cid: self.cid,
             }),
+            seccomp: self.seccomp,
         }
     }
 
@@ -122,6 +128,14 @@ mod tests {
         );
         assert_eq!(c.boot_protocol, BootProtocolChoice::Auto);
         assert!(c.rootfs.is_none() && c.extra_cmdline.is_none());
+        assert_eq!(c.seccomp, SeccompMode::Kill);
+        for (arg, mode) in [("log", SeccompMode::Log), ("off", SeccompMode::Off)] {
+            let c = parse(&["--kernel", "k", "--seccomp", arg])
+                .unwrap()
+                .vm_config();
+            assert_eq!(c.seccomp, mode);
+        }
+        assert!(parse(&["--kernel", "k", "--seccomp", "maybe"]).is_err());
     }
 
     #[test]

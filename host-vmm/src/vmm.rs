@@ -34,6 +34,7 @@ use crate::layout::{
     SERIAL_PORT, SERIAL_PORT_LEN,
 };
 use crate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError, MAX_MEM_MIB, MIN_MEM_MIB};
+use crate::seccomp::{FilterContext, SeccompError, SeccompMode, ThreadFilter, ThreadKind};
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 32;
@@ -61,6 +62,8 @@ pub struct VmConfig {
     pub boot_protocol: BootProtocolChoice,
     /// virtio-vsock device, attached after the block device.
     pub vsock: Option<VsockConfig>,
+    /// Per-thread seccomp filters (`seccomp` module).
+    pub seccomp: SeccompMode,
 }
 
 /// The virtio-vsock device's host side.
@@ -141,6 +144,9 @@ pub enum VmmError {
     /// Device bus layout.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// Seccomp filters.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// A host resource (eventfd, epoll, thread).
     #[error("{0}")]
     Io(&'static str, #[source] std::io::Error),
@@ -342,13 +348,18 @@ pub fn run_vm(config: &VmConfig, start: Instant) -> Result<VmOutcome, VmmError> 
     )?;
     mark("vCPUs created, boot vCPU configured");
     register_kick_handler()?;
+    // Compiled once here; each thread installs its own before it handles guest input.
+    let filter_ctx = FilterContext::current();
+    let vcpu_filter = ThreadFilter::compile(ThreadKind::Vcpu, config.seccomp, &filter_ctx)?;
+    let vmm_filter = ThreadFilter::compile(ThreadKind::Vmm, config.seccomp, &filter_ctx)?;
     let mut event_loop = EventLoop::new(exit.clone(), serial.clone(), virtio, config.console)
         .map_err(|e| VmmError::Io("event loop", e))?;
 
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let mut handles = Vec::with_capacity(vcpu_fds.len());
     for (id, fd) in (0..vcpus).zip(vcpu_fds) {
-        let mut vcpu = Vcpu::new(id, fd, pio.clone(), mmio.clone(), exit.clone());
+        let mut vcpu = Vcpu::new(id, fd, pio.clone(), mmio.clone(), exit.clone())
+            .with_seccomp(vcpu_filter.clone());
         if id != 0 {
             vcpu = vcpu.with_deferred_setup(cpuid.clone(), vcpus);
         }
@@ -367,7 +378,10 @@ pub fn run_vm(config: &VmConfig, start: Instant) -> Result<VmOutcome, VmmError> 
     }
 
     mark("vCPU threads started");
-    if let Err(e) = event_loop.run() {
+    // The event loop has not served any guest-triggered event yet.
+    if let Err(e) = vmm_filter.apply() {
+        exit.request(VmOutcome::HostError(crate::seccomp::describe(&e)));
+    } else if let Err(e) = event_loop.run() {
         exit.request(VmOutcome::HostError(format!("event loop failed: {e}")));
     }
     // The loop only returns once a stop was requested (or on error, requested above).
@@ -393,6 +407,7 @@ mod tests {
             console: true,
             boot_protocol: BootProtocolChoice::Auto,
             vsock: None,
+            seccomp: SeccompMode::Kill,
         }
     }
 

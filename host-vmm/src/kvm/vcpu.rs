@@ -22,6 +22,7 @@ use super::regs::{apply_boot_state, apply_common, RegsError};
 use crate::boot::BootProtocol;
 use crate::devices::bus::Bus;
 use crate::exit::{ExitHandle, VmOutcome};
+use crate::seccomp::ThreadFilter;
 
 /// Errors preparing a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,8 @@ pub struct Vcpu {
     /// CPUID base and vCPU count when this (application processor) vCPU configures itself on
     /// its own thread, off the boot vCPU's critical path.
     deferred_setup: Option<(Arc<CpuId>, u8)>,
+    /// Installed on the thread just before the first `KVM_RUN`.
+    seccomp: Option<ThreadFilter>,
 }
 
 /// What the loop does after one exit.
@@ -129,7 +132,14 @@ impl Vcpu {
             mmio,
             exit,
             deferred_setup: None,
+            seccomp: None,
         }
+    }
+
+    /// Installs `filter` on the vCPU thread after its set-up, before the first `KVM_RUN`.
+    pub fn with_seccomp(mut self, filter: ThreadFilter) -> Self {
+        self.seccomp = Some(filter);
+        self
     }
 
     /// Defers [`configure_vcpu`] (without entry registers) to the start of [`Vcpu::run`], so
@@ -154,6 +164,13 @@ impl Vcpu {
                     src = s.source();
                 }
                 self.exit.request(VmOutcome::HostError(msg));
+            }
+        }
+        if let Some(filter) = self.seccomp.take() {
+            if let Err(e) = filter.apply() {
+                let msg = crate::seccomp::describe(&e);
+                self.exit
+                    .request(VmOutcome::HostError(format!("vCPU {}: {msg}", self.id)));
             }
         }
         while !self.exit.is_stopping() {
