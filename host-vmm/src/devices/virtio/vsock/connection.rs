@@ -210,7 +210,10 @@ impl<S: HostStream> Connection<S> {
             }
             (ConnState::LocalInit, _) => self.reset(),
             (ConnState::Established, op::RW) => self.recv_data(payload),
-            (ConnState::Established, op::CREDIT_UPDATE) => self.credit_requested = false,
+            // Credit came with the header; `credit_requested` is cleared below only if the
+            // update actually grants some (an update without credit must not trigger another
+            // CREDIT_REQUEST at once: a paused reader would be asked again and again).
+            (ConnState::Established, op::CREDIT_UPDATE) => {}
             (ConnState::Established, op::CREDIT_REQUEST) => self.pending.credit_update = true,
             (ConnState::Established, op::SHUTDOWN) => {
                 self.peer_shutdown |= hdr.flags & SHUTDOWN_BOTH;

@@ -161,6 +161,24 @@ fn never_sends_more_than_peer_credit() {
 }
 
 #[test]
+fn credit_update_without_credit_does_not_ask_again() {
+    // A guest that is not reading answers CREDIT_REQUEST with an update granting nothing: wait
+    // for real credit instead of asking again at once (a busy request/update loop on both sides).
+    let mut c = established(0, 1000);
+    c.stream.input.extend(vec![7u8; 5000]);
+    let mut buf = [0u8; 4096];
+    assert_eq!(c.next_packet(&mut buf).unwrap().0.op, op::RW);
+    assert_eq!(c.next_packet(&mut buf).unwrap().0.op, op::CREDIT_REQUEST);
+    c.recv_from_guest(&guest_hdr(op::CREDIT_UPDATE, 0, 1000, 0), &[]);
+    assert!(!c.has_rx(), "asked again for credit the guest just said it has not got");
+    assert!(c.next_packet(&mut buf).is_none());
+    // Real credit resumes the flow.
+    c.recv_from_guest(&guest_hdr(op::CREDIT_UPDATE, 0, 1000, 300), &[]);
+    let (h, n) = c.next_packet(&mut buf).unwrap();
+    assert_eq!((h.op, n), (op::RW, 300));
+}
+
+#[test]
 fn credit_survives_counter_wrap() {
     let mut c = established(0, 1000);
     c.rx_cnt = u32::MAX - 100;
