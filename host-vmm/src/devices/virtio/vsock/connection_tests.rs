@@ -170,7 +170,10 @@ fn credit_update_without_credit_does_not_ask_again() {
     assert_eq!(c.next_packet(&mut buf).unwrap().0.op, op::RW);
     assert_eq!(c.next_packet(&mut buf).unwrap().0.op, op::CREDIT_REQUEST);
     c.recv_from_guest(&guest_hdr(op::CREDIT_UPDATE, 0, 1000, 0), &[]);
-    assert!(!c.has_rx(), "asked again for credit the guest just said it has not got");
+    assert!(
+        !c.has_rx(),
+        "asked again for credit the guest just said it has not got"
+    );
     assert!(c.next_packet(&mut buf).is_none());
     // Real credit resumes the flow.
     c.recv_from_guest(&guest_hdr(op::CREDIT_UPDATE, 0, 1000, 300), &[]);
