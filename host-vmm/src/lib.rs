@@ -8,6 +8,7 @@ pub mod cli;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
+pub mod jail;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
