@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 
 use crate::boot::BootProtocolChoice;
+use crate::jail::JailConfig;
 use crate::seccomp::SeccompMode;
 use crate::vmm::{VmConfig, VsockConfig};
 
@@ -72,6 +73,17 @@ pub struct Cli {
     /// thread's list, `log` names the call on stderr and fails it with ENOSYS, `off` disables.
     #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
     pub seccomp: SeccompMode,
+    /// Confine the VMM before the guest runs: new mount/PID/IPC/UTS/net namespaces, root
+    /// pivoted into DIR (created if missing; it gets the kernel, the image, /dev/kvm; the vsock
+    /// socket must be inside it), inherited fds closed, rlimits, no_new_privs, no capabilities.
+    #[arg(long, value_name = "DIR")]
+    pub jail: Option<PathBuf>,
+    /// uid the jailed VMM runs as (root only).
+    #[arg(long, value_name = "N", requires = "jail")]
+    pub jail_uid: Option<u32>,
+    /// gid the jailed VMM runs as (root only).
+    #[arg(long, value_name = "N", requires = "jail")]
+    pub jail_gid: Option<u32>,
     /// More logging on stderr (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -99,6 +111,16 @@ impl Cli {
             }),
             seccomp: self.seccomp,
         }
+    }
+
+    /// The jail, if `--jail` was given.
+    pub fn jail_config(&self) -> Option<JailConfig> {
+        self.jail.as_ref().map(|dir| JailConfig {
+            dir: dir.clone(),
+            uid: self.jail_uid,
+            gid: self.jail_gid,
+            seccomp: self.seccomp,
+        })
     }
 
     /// Log level for `-v` count.
@@ -136,6 +158,28 @@ mod tests {
             assert_eq!(c.seccomp, mode);
         }
         assert!(parse(&["--kernel", "k", "--seccomp", "maybe"]).is_err());
+        assert!(parse(&["--kernel", "k"]).unwrap().jail_config().is_none());
+        let j = parse(&[
+            "--kernel",
+            "k",
+            "--jail",
+            "/j",
+            "--jail-uid",
+            "7",
+            "--jail-gid",
+            "8",
+        ])
+        .unwrap()
+        .jail_config()
+        .expect("jail");
+        assert_eq!(
+            (j.dir.to_str(), j.uid, j.gid),
+            (Some("/j"), Some(7), Some(8))
+        );
+        assert!(
+            parse(&["--kernel", "k", "--jail-uid", "7"]).is_err(),
+            "needs --jail"
+        );
     }
 
     #[test]

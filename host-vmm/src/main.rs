@@ -56,7 +56,23 @@ fn main() -> ExitCode {
         })
         .init();
 
-    match run_vm(&cli.vm_config(), start) {
+    let mut config = cli.vm_config();
+    if let Some(jail) = cli.jail_config() {
+        // User errors name the host path before anything is created.
+        if let Err(e) = config.validate() {
+            eprintln!("host-vmm: error: {}", error_chain(&e));
+            return ExitCode::from(1);
+        }
+        match host_vmm::jail::enter(&jail, &mut config) {
+            Ok(host_vmm::jail::Entered::Monitor(code)) => return ExitCode::from(code),
+            Ok(host_vmm::jail::Entered::Jailed) => {}
+            Err(e) => {
+                eprintln!("host-vmm: error: {}", error_chain(&e));
+                return ExitCode::from(1);
+            }
+        }
+    }
+    match run_vm(&config, start) {
         Ok(outcome) => {
             match &outcome {
                 VmOutcome::GuestShutdown(why) => log::debug!("guest shut down ({why})"),
