@@ -491,6 +491,40 @@ fn vsock_credit_exhaustion_and_recovery() {
 }
 
 #[test]
+fn vsock_slow_host_reader_stalls_the_guest_sender() {
+    if !require_kvm("vsock_slow_host_reader_stalls_the_guest_sender") {
+        return;
+    }
+    // The other direction of flow control: the host reads nothing for a while, so the guest
+    // must run out of the device's credit and wait; nothing may be lost or reset.
+    const BYTES: usize = 4 << 20;
+    let vm = VsockVm::start("vsock-source", &format!("kiln.vsock.bytes={BYTES}"), |_| {});
+    vm.wait_report("vsock.listening");
+    let mut s = vm.connect(5000);
+    thread::sleep(Duration::from_millis(1500));
+    let mut got = Vec::with_capacity(BYTES);
+    s.read_to_end(&mut got).expect("read");
+    assert_eq!(got.len(), BYTES, "source length");
+    let pattern: Vec<u8> = (0..8192u64)
+        .flat_map(|k| pattern_word(k).to_le_bytes())
+        .collect();
+    for (i, chunk) in got.chunks(pattern.len()).enumerate() {
+        assert_eq!(chunk, &pattern[..chunk.len()], "source chunk {i}");
+    }
+    drop(s);
+    let out = vm.finish();
+    assert!(
+        out.expect("vsock.credit_requests_tx")
+            .parse::<u64>()
+            .unwrap()
+            >= 1,
+        "the guest never ran out of credit\n{}",
+        out.describe()
+    );
+    assert_eq!(out.expect("vsock.closed"), "1");
+}
+
+#[test]
 fn vsock_rst_on_closed_ports() {
     if !require_kvm("vsock_rst_on_closed_ports") {
         return;
