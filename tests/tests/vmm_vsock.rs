@@ -635,3 +635,47 @@ fn vsock_64_concurrent_connections() {
         out.describe()
     );
 }
+
+#[test]
+fn vsock_64_guest_initiated_connections() {
+    if !require_kvm("vsock_64_guest_initiated_connections") {
+        return;
+    }
+    const N: usize = 64;
+    let listener: Arc<Mutex<Option<UnixListener>>> = Arc::new(Mutex::new(None));
+    let l2 = listener.clone();
+    let vm = VsockVm::start(
+        "vsock-connect",
+        &format!("kiln.vsock.conns={N}"),
+        move |uds| {
+            let path = format!("{}_6000", uds.display());
+            *l2.lock().unwrap() = Some(UnixListener::bind(&path).expect("bind <uds>_6000"));
+        },
+    );
+    let listener = listener.lock().unwrap().take().expect("listener");
+    let handles: Vec<_> = (0..N)
+        .map(|i| {
+            let (stream, _) = listener.accept().expect("guest connection");
+            stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+            let data = Arc::new(pseudo_random(64 * 1024 + i * 101, 5000 + i as u64));
+            thread::spawn(move || {
+                let (back, _) = echo(stream, data.clone());
+                back.len() == data.len() && sha(&back) == sha(&data)
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert!(
+            h.join().expect("echo thread"),
+            "connection {i}: echo differs"
+        );
+    }
+    let out = vm.finish();
+    assert_eq!(
+        out.expect("vsock.connected"),
+        N.to_string(),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.expect("vsock.closed"), N.to_string());
+}
