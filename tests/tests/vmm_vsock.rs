@@ -40,12 +40,23 @@ impl VsockVm {
     /// Boots the PVH test guest with `kiln.test=<mode>` plus `cmdline`, a vsock device at
     /// `<dir>/vsock.sock`. `before` runs first with the socket path (to bind `<uds>_<port>`).
     fn start(mode: &str, cmdline: &str, before: impl FnOnce(&PathBuf)) -> VsockVm {
+        Self::start_with(mode, cmdline, &[], before)
+    }
+
+    /// [`VsockVm::start`] with extra host-vmm arguments.
+    fn start_with(
+        mode: &str,
+        cmdline: &str,
+        args: &[&std::ffi::OsStr],
+        before: impl FnOnce(&PathBuf),
+    ) -> VsockVm {
         let dir = TempDir::new(&format!("vsock-{mode}"));
         let uds = dir.path().join("vsock.sock");
         before(&uds);
         let mut child = Command::new(host_vmm())
             .arg("--kernel")
             .arg(guest(Guest::Pvh))
+            .args(args)
             .arg("--vsock-uds")
             .arg(&uds)
             .args(["--cid", &CID.to_string(), "--mem-mib", "128"])
@@ -268,6 +279,46 @@ fn vsock_host_to_guest_echo_16mib() {
     assert_eq!(out.expect("vsock.closed"), "1");
     assert_eq!(out.expect("vsock.bytes_rx"), (16u64 << 20).to_string());
     assert_eq!(out.expect("vsock.bytes_tx"), (16u64 << 20).to_string());
+}
+
+#[test]
+fn vsock_after_the_block_device() {
+    if !require_kvm("vsock_after_the_block_device") {
+        return;
+    }
+    let disk_dir = TempDir::new("vsock-blk");
+    let disk = disk_dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 * 512]).expect("disk image");
+    let uds = disk_dir.path().join("probe.sock");
+    let out = kiln_tests::guests::boot_guest(
+        Guest::Pvh,
+        "bootinfo",
+        &[
+            "--rootfs",
+            disk.to_str().expect("utf-8"),
+            "--vsock-uds",
+            uds.to_str().expect("utf-8"),
+            "--cid",
+            "7",
+        ],
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let cmdline = out.expect("cmdline");
+    let blk = cmdline.find("virtio_mmio.device=4K@0xd0000000:5");
+    let vsock = cmdline.find("virtio_mmio.device=4K@0xd0001000:6");
+    assert!(
+        blk.is_some() && vsock.is_some() && blk < vsock,
+        "block first, then vsock: {cmdline:?}"
+    );
+    assert!(!uds.exists(), "host-vmm left its socket behind");
+    // The driver finds the vsock device in the second slot and it works there.
+    let args = [std::ffi::OsStr::new("--rootfs"), disk.as_os_str()];
+    let vm = VsockVm::start_with("vsock-echo-server", "", &args, |_| {});
+    vm.wait_report("vsock.listening");
+    let data = Arc::new(pseudo_random(100_000, 3));
+    let (back, _) = echo(vm.connect(5000), data.clone());
+    assert_eq!(sha(&back), sha(&data));
+    vm.finish();
 }
 
 #[test]
