@@ -2,8 +2,9 @@
 //! a test) can wait for and signal it like a plain host-vmm: it forwards SIGTERM, SIGINT, SIGHUP
 //! and SIGQUIT as SIGKILL to the jailed VMM (the PID 1 of a namespace ignores catchable signals
 //! it has no handler for, and host-vmm has none: their default action ends it without clean-up
-//! anyway), waits for it, and exits with its status (128 + signal if it was killed). It runs
-//! under the monitor seccomp filter from right after the fork.
+//! anyway), waits for it, and exits with its status (128 + signal if it was killed). It closes
+//! every inherited fd above stderr and runs under the monitor seccomp filter from right after
+//! the fork.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -36,6 +37,10 @@ pub fn exit_status(wait_status: libc::c_int) -> u8 {
 /// Monitors `child` until it exits; returns the status to exit with.
 pub fn run(child: libc::pid_t, seccomp: SeccompMode) -> u8 {
     CHILD.store(child, Ordering::SeqCst);
+    // The monitor needs nothing but stdio either.
+    if let Err(e) = super::privs::close_inherited_fds() {
+        eprintln!("host-vmm: jail monitor: {e}");
+    }
     for sig in FORWARDED {
         // SAFETY: the handler only loads an atomic and calls kill.
         unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
