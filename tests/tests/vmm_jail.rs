@@ -1,0 +1,485 @@
+//! host-vmm under `--jail` (with the default `--seccomp kill`), run as root dropping to
+//! uid/gid 65534: the block and vsock test guests work unchanged; the jailed process has no
+//! capabilities, no_new_privs, the jail ids, no inherited fds, a root holding only what the jail
+//! put there, and mounts only the jail's; the monitor forwards SIGTERM; a rootless run gets
+//! as far as opening /dev/kvm.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_tests::guests::{
+    boot_guest, fnv1a, guest, host_vmm, pattern_byte, pseudo_random, Guest, TempDir,
+};
+use kiln_tests::require_kvm;
+
+const WAIT: Duration = Duration::from_secs(60);
+const NOBODY: u32 = 65534;
+const SECTORS: u64 = 128;
+
+/// KVM and root (the jail drops to another uid); a missing one is logged loudly.
+fn kvm_and_root(test: &str) -> bool {
+    if !require_kvm(test) {
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED {test}: needs root (the jail switches to uid {NOBODY})");
+        return false;
+    }
+    true
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A disk image owned by the jail uid.
+fn image(dir: &TempDir, bytes: &[u8]) -> PathBuf {
+    let path = dir.path().join("disk.img");
+    std::fs::write(&path, bytes).expect("writing the image");
+    std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY)).expect("chown image");
+    path
+}
+
+fn jail_args(jail: &Path) -> Vec<String> {
+    vec![
+        "--jail".into(),
+        s(jail).into(),
+        "--jail-uid".into(),
+        NOBODY.to_string(),
+        "--jail-gid".into(),
+        NOBODY.to_string(),
+    ]
+}
+
+/// A running host-vmm with stdout read line by line and stderr collected.
+struct Running {
+    child: Child,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Running {
+    fn start(args: &[String], mode: &str) -> Running {
+        let mut child = Command::new(host_vmm())
+            .arg("--kernel")
+            .arg(guest(Guest::Pvh))
+            .args(args)
+            .arg("--cmdline")
+            .arg(format!("kiln.test={mode}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning host-vmm");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().expect("stderr");
+        let acc = stderr.clone();
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text);
+            acc.lock().unwrap().push_str(&text);
+        });
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line.trim_end_matches('\r').to_string());
+            }
+        });
+        Running {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    fn wait_line(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.to_string();
+            }
+        }
+        panic!(
+            "no `{prefix}` line from the guest; stderr:\n{}",
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// Waits for the exit status (code, or 128 + signal as a shell shows it).
+    fn wait(&mut self) -> (i32, String) {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.child.wait().expect("wait");
+        thread::sleep(Duration::from_millis(100));
+        let code = status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        (code, self.stderr.lock().unwrap().clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The hybrid-vsock handshake on the device's socket.
+fn vsock_connect(uds: &Path, port: u32) -> UnixStream {
+    let mut stream = UnixStream::connect(uds).expect("connect to the vsock socket");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .expect("CONNECT");
+    let mut reply = Vec::new();
+    let mut b = [0u8; 1];
+    while reply.last() != Some(&b'\n') {
+        stream.read_exact(&mut b).expect("the OK line");
+        reply.push(b[0]);
+    }
+    assert!(reply.starts_with(b"OK "), "{reply:?}");
+    stream
+}
+
+/// Writes `data`, half-closes, reads everything back.
+fn echo(stream: UnixStream, data: &[u8]) -> Vec<u8> {
+    let mut w = stream.try_clone().expect("clone");
+    let d = data.to_vec();
+    let writer = thread::spawn(move || {
+        w.write_all(&d).expect("write");
+        w.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    });
+    let mut back = Vec::new();
+    let mut r = stream;
+    r.read_to_end(&mut back).expect("echo");
+    writer.join().expect("writer");
+    back
+}
+
+#[test]
+fn blk_write_and_read_in_the_jail() {
+    if !kvm_and_root("blk_write_and_read_in_the_jail") {
+        return;
+    }
+    let dir = TempDir::new("jail-blk");
+    let before = pseudo_random((SECTORS * 512) as usize, 11);
+    let disk = image(&dir, &before);
+    let jail = dir.path().join("jail");
+    let mut args: Vec<String> = vec!["--rootfs".into(), s(&disk).into()];
+    args.extend(jail_args(&jail));
+    args.extend(["--cmdline".into(), "kiln.sector=5 kiln.sectors=4".into()]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = boot_guest(Guest::Pvh, "blk-write", &argv);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(out.expect("blk.readback"), "match");
+    assert_eq!(out.expect("blk.flush.status"), "0");
+    let after = std::fs::read(&disk).expect("reading the image back");
+    assert_eq!(after.len(), before.len());
+    for (i, (&a, &b)) in after.iter().zip(&before).enumerate() {
+        let want = if (5 * 512..9 * 512).contains(&i) {
+            pattern_byte(i as u64)
+        } else {
+            b
+        };
+        assert_eq!(a, want, "byte {i} of the image");
+    }
+
+    // Read-only, a second VM in the same jail directory.
+    let mut args: Vec<String> = vec!["--rootfs".into(), s(&disk).into(), "--read-only".into()];
+    args.extend(jail_args(&jail));
+    args.extend(["--cmdline".into(), format!("kiln.sectors={SECTORS}")]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = boot_guest(Guest::Pvh, "blk-read", &argv);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(
+        out.expect("blk.read.fnv"),
+        format!("{:#018x}", fnv1a(&after))
+    );
+}
+
+#[test]
+fn vsock_both_ways_in_the_jail() {
+    if !kvm_and_root("vsock_both_ways_in_the_jail") {
+        return;
+    }
+    let dir = TempDir::new("jail-vsock");
+    let jail = dir.path().join("jail");
+    std::fs::create_dir(&jail).expect("jail dir");
+    let uds = jail.join("vsock.sock");
+    let mut args = vec!["--vsock-uds".to_string(), s(&uds).into()];
+    args.extend(jail_args(&jail));
+
+    // Host -> guest.
+    let mut vm = Running::start(&args, "vsock-echo-server kiln.vsock.conns=1");
+    assert_eq!(vm.wait_line("KILN-TEST vsock.listening="), "5000");
+    let data = pseudo_random(1 << 20, 5);
+    assert_eq!(echo(vsock_connect(&uds, 5000), &data), data);
+    let (code, stderr) = vm.wait();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!uds.exists(), "the jailed VMM removes its socket");
+
+    // Guest -> host: the listener lives in the jail directory, connectable by the jail uid.
+    let listener = UnixListener::bind(format!("{}_6000", uds.display())).expect("bind");
+    std::fs::set_permissions(
+        format!("{}_6000", uds.display()),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .expect("chmod listener");
+    let mut vm = Running::start(&args, "vsock-connect kiln.vsock.conns=1");
+    let (stream, _) = listener.accept().expect("guest connection");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let data = pseudo_random(300_000, 6);
+    assert_eq!(echo(stream, &data), data);
+    let (code, stderr) = vm.wait();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+/// `Name:\tvalue` from a /proc status file.
+fn status_field(status: &str, name: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {name} in status"))
+}
+
+fn only_child(pid: u32) -> u32 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        let kids: Vec<u32> = text
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        if kids.len() == 1 {
+            return kids[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "monitor {pid} children: {kids:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn jailed_process_is_confined() {
+    if !kvm_and_root("jailed_process_is_confined") {
+        return;
+    }
+    let dir = TempDir::new("jail-confined");
+    let disk = image(&dir, &pseudo_random(64 * 1024, 1));
+    let jail = dir.path().join("jail");
+    std::fs::create_dir(&jail).expect("jail dir");
+    let uds = jail.join("vsock.sock");
+    // A host file the VMM must not keep: an inherited fd without CLOEXEC.
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, b"host secret").expect("secret");
+    let secret_file = std::fs::File::open(&secret).expect("open secret");
+    // SAFETY: dup without O_CLOEXEC so host-vmm inherits it; closed below.
+    let leaked = unsafe { libc::dup(secret_file.as_raw_fd()) };
+    assert!(leaked > 2);
+    let mut args = vec![
+        "--rootfs".to_string(),
+        s(&disk).into(),
+        "--vsock-uds".into(),
+        s(&uds).into(),
+        "--vcpus".into(),
+        "2".into(),
+    ];
+    args.extend(jail_args(&jail));
+    let mut vm = Running::start(&args, "idle");
+    // SAFETY: our duplicate, no longer needed once the child has started.
+    unsafe { libc::close(leaked) };
+    vm.wait_line("KILN-TEST marker");
+    let monitor = vm.child.id();
+    let pid = only_child(monitor);
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let status = std::fs::read_to_string(proc_dir.join("status")).expect("status");
+    for cap in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(status_field(&status, cap), "0000000000000000", "{cap}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs:"), "1");
+    assert_eq!(status_field(&status, "Uid:"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(&status, "Gid:"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(&status, "Groups:"), "");
+    assert_eq!(
+        status_field(&status, "NSpid:").split_whitespace().last(),
+        Some("1")
+    );
+    // Its own namespaces, not the host's.
+    for ns in ["mnt", "pid", "ipc", "uts", "net"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("own ns");
+        let its = std::fs::read_link(proc_dir.join("ns").join(ns)).expect("jailed ns");
+        assert_ne!(mine, its, "{ns} namespace is shared with the host");
+    }
+    // Its root holds only what the jail put there.
+    let root = proc_dir.join("root");
+    let mut want = vec!["dev", "kernel", "rootfs", "vsock.sock"];
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        want.push("sys");
+    }
+    want.sort_unstable();
+    assert_eq!(names_in(&root), want);
+    assert_eq!(names_in(&root.join("dev")), ["kvm"]);
+    // No host path resolves there.
+    for host_path in ["etc/passwd", "proc/self", "usr", "tmp", "work"] {
+        assert!(
+            !root.join(host_path).exists(),
+            "{host_path} visible in the jail"
+        );
+    }
+    let mounts = std::fs::read_to_string(proc_dir.join("mountinfo")).expect("mountinfo");
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    points.sort_unstable();
+    points.dedup();
+    let mut want_points = vec!["/", "/dev", "/kernel", "/rootfs"];
+    if want.contains(&"sys") {
+        want_points.push("/sys");
+    }
+    want_points.sort_unstable();
+    assert_eq!(points, want_points, "{mounts}");
+    // No inherited fd survived: nothing points at the host file, only stdio, KVM and device fds.
+    for fd in std::fs::read_dir(proc_dir.join("fd"))
+        .expect("fd dir")
+        .flatten()
+    {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        let t = target.to_string_lossy();
+        assert!(!t.contains("secret"), "fd {:?} -> {t}", fd.file_name());
+        assert!(
+            t.starts_with("anon_inode:")
+                || t.starts_with("socket:")
+                || t.starts_with("pipe:")
+                || t == "/dev/null"
+                || t == "/dev/kvm"
+                || t == "/rootfs",
+            "unexpected fd {:?} -> {t}",
+            fd.file_name()
+        );
+    }
+    let limits = std::fs::read_to_string(proc_dir.join("limits")).expect("limits");
+    let line = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert!(line("Max open files").contains("1024 1024"), "{limits}");
+    assert!(line("Max file size").contains("65536 65536"), "{limits}");
+    assert!(line("Max core file size").contains("0 0"), "{limits}");
+
+    // SIGTERM to the monitor ends the VMM (forwarded as SIGKILL).
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(monitor as i32, libc::SIGTERM) };
+    let (code, stderr) = vm.wait();
+    assert_eq!(code, 128 + libc::SIGKILL, "{stderr}");
+    let deadline = Instant::now() + WAIT;
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "jailed VMM {pid} still alive");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn user_errors_name_the_problem() {
+    if !require_kvm("user_errors_name_the_problem") {
+        return;
+    }
+    let dir = TempDir::new("jail-errors");
+    let jail = dir.path().join("jail");
+    let outside = dir.path().join("v.sock");
+    let out = kiln_tests::guests::run_vmm([
+        "--kernel",
+        s(&guest(Guest::Pvh)),
+        "--vsock-uds",
+        s(&outside),
+        "--jail",
+        s(&jail),
+    ]);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains("with --jail the socket must be inside"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.describe());
+    let out = kiln_tests::guests::run_vmm(["--kernel", "/nonexistent/k", "--jail", s(&jail)]);
+    assert_eq!(out.code(), Some(1));
+    assert!(
+        out.stderr.contains("kernel /nonexistent/k"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// Not root: a user namespace maps only the caller's ids; the jail is built and the VMM then
+/// needs /dev/kvm access of its own (this machine's /dev/kvm is root-only, so a run as nobody
+/// stops exactly there).
+#[test]
+fn rootless_jail_reaches_dev_kvm() {
+    if !kvm_and_root("rootless_jail_reaches_dev_kvm") {
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("rootless_jail_reaches_dev_kvm: no setpriv, skipped");
+        return;
+    }
+    let dir = TempDir::new("jail-rootless");
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
+    let kernel = dir.path().join("guest");
+    std::fs::copy(guest(Guest::Pvh), &kernel).expect("copy guest");
+    std::os::unix::fs::chown(&kernel, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let jail = dir.path().join("jail");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(host_vmm())
+        .args(["--kernel", s(&kernel), "--jail", s(&jail)])
+        .args(["--cmdline", "kiln.test=marker"]);
+    let out = kiln_tests::guests::run_with_timeout(cmd, WAIT).expect("run");
+    let kvm_mode = std::fs::metadata("/dev/kvm")
+        .expect("/dev/kvm")
+        .permissions()
+        .mode();
+    if kvm_mode & 0o006 == 0o006 {
+        assert_eq!(out.code(), Some(0), "{}", out.describe());
+        assert!(out.saw("marker"));
+    } else {
+        assert_eq!(out.code(), Some(1), "{}", out.describe());
+        assert!(
+            out.stderr.contains("cannot open /dev/kvm"),
+            "the jail must be built before KVM is opened\n{}",
+            out.describe()
+        );
+    }
+    // The jail was built: its placeholders exist on the host, owned by the caller.
+    assert_eq!(names_in(&jail).first().map(String::as_str), Some("dev"));
+}
