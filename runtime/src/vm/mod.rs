@@ -42,6 +42,14 @@ pub const VHOST_DEVICE_VSOCK_ENV: &str = "KILN_VHOST_DEVICE_VSOCK";
 /// The environment variable naming the QEMU executable.
 pub const QEMU_ENV: &str = "KILN_QEMU";
 
+/// The console line guest-init writes once its vsock listener is up (`guest-init/src/main.rs`).
+///
+/// With QEMU, kiln connects only after this line appeared: `vhost-device-vsock` 0.3.0 stops
+/// answering host-initiated connections for good when one arrives while the guest driver is
+/// activating the device (seen here about once in ten boots with 5-50 ms retries; every later
+/// `CONNECT` then waits forever for the guest's RESPONSE). host-vmm has no such window.
+pub const AGENT_LISTENING_MARKER: &str = "listening on vsock port";
+
 /// What to boot and how.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -166,6 +174,14 @@ pub enum VmError {
         #[source]
         last: Box<TransportError>,
     },
+    /// QEMU: guest-init did not log that it listens on vsock in time.
+    #[error("guest-init did not report \"{AGENT_LISTENING_MARKER}\" on the console within {waited:?}; console: {console}")]
+    AgentNotListening {
+        /// Time waited.
+        waited: Duration,
+        /// The end of the guest console.
+        console: String,
+    },
     /// Connecting or attaching over hybrid vsock failed.
     #[error("vsock connection to the guest failed")]
     Transport(#[source] Box<TransportError>),
@@ -201,6 +217,9 @@ pub struct Vm {
     launched: Instant,
     spawned: Duration,
     agent_ready: OnceLock<Duration>,
+    /// QEMU only: [`AGENT_LISTENING_MARKER`] must be on the console before the first connect.
+    wait_for_marker: bool,
+    marker_seen: OnceLock<()>,
 }
 
 impl Vm {
@@ -283,6 +302,8 @@ impl Vm {
             launched,
             spawned: launched.elapsed(),
             agent_ready: OnceLock::new(),
+            wait_for_marker: matches!(cfg.backend, Backend::QemuMicrovm { .. }),
+            marker_seen: OnceLock::new(),
         };
         log::debug!(
             "VM launched with {} in {:?} (state {})",
@@ -326,6 +347,11 @@ impl Vm {
         }
     }
 
+    /// Time since [`Vm::launch`] started (for start-to-X measurements by callers).
+    pub fn since_launch(&self) -> Duration {
+        self.launched.elapsed()
+    }
+
     /// The last `lines` lines of the guest console.
     pub fn console_tail(&self, lines: usize) -> String {
         tail(&self.console_log, lines)
@@ -346,15 +372,10 @@ impl Vm {
     /// VMM is alive and `timeout` has not passed.
     pub fn connect_port(&self, port: u32, timeout: Duration) -> Result<UnixStream, VmError> {
         let started = Instant::now();
+        self.wait_for_listener(started, timeout)?;
         let mut pause = Duration::from_millis(5);
         loop {
-            if let Some(status) = self.try_wait()? {
-                return Err(VmError::Exited {
-                    status,
-                    vmm_log: tail(&self.vmm_log, 20),
-                    console: self.console_tail(30),
-                });
-            }
+            self.check_running()?;
             match transport::hybrid_vsock_connect(&self.uds, port) {
                 Ok(stream) => return Ok(stream),
                 // A handshake timeout means the device got no answer from a guest that is not
@@ -372,6 +393,41 @@ impl Vm {
                 }
                 Err(e) => return Err(VmError::Transport(Box::new(e))),
             }
+        }
+    }
+
+    /// QEMU: waits until the console shows [`AGENT_LISTENING_MARKER`] (once per VM).
+    fn wait_for_listener(&self, started: Instant, timeout: Duration) -> Result<(), VmError> {
+        if !self.wait_for_marker || self.marker_seen.get().is_some() {
+            return Ok(());
+        }
+        loop {
+            self.check_running()?;
+            let console = std::fs::read(&self.console_log).unwrap_or_default();
+            let needle = AGENT_LISTENING_MARKER.as_bytes();
+            if console.windows(needle.len()).any(|w| w == needle) {
+                let _ = self.marker_seen.set(());
+                return Ok(());
+            }
+            if started.elapsed() >= timeout {
+                return Err(VmError::AgentNotListening {
+                    waited: started.elapsed(),
+                    console: self.console_tail(30),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `Err(Exited)` once the VMM has exited.
+    fn check_running(&self) -> Result<(), VmError> {
+        match self.try_wait()? {
+            Some(status) => Err(VmError::Exited {
+                status,
+                vmm_log: tail(&self.vmm_log, 20),
+                console: self.console_tail(30),
+            }),
+            None => Ok(()),
         }
     }
 
