@@ -163,7 +163,8 @@ impl Agent {
                 Ok(pid as u32)
             }
             Err(e) => {
-                if let Some(pid) = self.lock().containers.get(id).map(|c| c.init_pid) {
+                let pid = self.lock().containers.get(id).map(|c| c.init_pid);
+                if let Some(pid) = pid {
                     self.forget_process(id, INIT_EXEC_ID, pid);
                 }
                 let _ = cgroup.remove();
@@ -483,6 +484,28 @@ impl Agent {
                 .map(|(_, o)| o.clone())
                 .ok_or_else(wrong)
         };
+        let taken = || {
+            err(
+                ErrorKind::InvalidState,
+                format!("stream {:?} is already attached or closed", a.stream),
+            )
+        };
+        let stdin_free = p.stdin.as_ref().is_some_and(|s| !s.is_taken());
+        let output_free =
+            |s: StdioStream| p.outputs.iter().any(|(k, o)| *k == s && !o.is_attached());
+        let free = match a.stream {
+            StdioStream::Stdin => stdin_free,
+            StdioStream::Pty => stdin_free && output_free(StdioStream::Pty),
+            other => output_free(other),
+        };
+        let known = match a.stream {
+            StdioStream::Stdin => !terminal,
+            StdioStream::Pty => terminal,
+            _ => !terminal,
+        };
+        if known && !free {
+            return Err(taken());
+        }
         match a.stream {
             StdioStream::Stdin if !terminal => Ok((Some(p.stdin.clone().ok_or_else(wrong)?), None)),
             StdioStream::Stdout | StdioStream::Stderr if !terminal => {

@@ -203,6 +203,11 @@ impl OutStream {
         }
     }
 
+    /// Whether a connection was attached already.
+    pub fn is_attached(&self) -> bool {
+        !matches!(lock(&self.state).sink, Sink::Unattached)
+    }
+
     /// Attaches a connection. Output kept so far is written first.
     pub fn attach(&self, conn: File) -> Result<(), AttachError> {
         let mut st = lock(&self.state);
@@ -250,6 +255,12 @@ impl StdinSlot {
             }),
             pty,
         })
+    }
+
+    /// Whether stdin can no longer be attached (attached before, or closed).
+    pub fn is_taken(&self) -> bool {
+        let st = lock(&self.state);
+        st.attached || st.closed
     }
 
     /// Starts copying `conn` into stdin on a new thread.

@@ -218,6 +218,18 @@ fn env_hostname_cwd_and_user_applied() {
 }
 
 #[test]
+fn process_settings_and_root_protection() {
+    let agent = Agent::start("settings");
+    common::case_process_settings(&agent.target());
+}
+
+#[test]
+fn bad_specs_and_failed_execs() {
+    let agent = Agent::start("badspec");
+    common::case_bad_specs(&agent.target());
+}
+
+#[test]
 fn terminal_process_gets_a_pty_and_resizes() {
     let agent = Agent::start("tty");
     common::case_terminal(&agent.target());

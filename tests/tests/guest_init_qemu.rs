@@ -151,14 +151,33 @@ fn guest_init_as_pid1_under_qemu_tcg() {
     let v = t.client.version().unwrap();
     eprintln!("agent {} on kernel {}", v.agent, v.kernel);
 
-    common::case_handshake_and_bad_openings(&t);
-    common::case_bad_frames_on_control_connection(&t);
-    common::case_exit_codes_signals_and_events(&t);
-    common::case_stdio(&t);
-    common::case_twenty_concurrent_execs(&t);
-    common::case_env_hostname_user(&t);
-    common::case_terminal(&t);
-    common::case_cgroup_limits(&t);
+    let timed = |name: &str, f: &dyn Fn()| {
+        let t0 = Instant::now();
+        f();
+        eprintln!("case {name}: {:?}", t0.elapsed());
+    };
+    timed("case_handshake_and_bad_openings", &|| {
+        common::case_handshake_and_bad_openings(&t)
+    });
+    timed("case_bad_frames_on_control_connection", &|| {
+        common::case_bad_frames_on_control_connection(&t)
+    });
+    timed("case_exit_codes_signals_and_events", &|| {
+        common::case_exit_codes_signals_and_events(&t)
+    });
+    timed("case_stdio", &|| common::case_stdio(&t));
+    timed("case_twenty_concurrent_execs", &|| {
+        common::case_twenty_concurrent_execs(&t)
+    });
+    timed("case_env_hostname_user", &|| {
+        common::case_env_hostname_user(&t)
+    });
+    timed("case_terminal", &|| common::case_terminal(&t));
+    timed("case_process_settings", &|| {
+        common::case_process_settings(&t)
+    });
+    timed("case_bad_specs", &|| common::case_bad_specs(&t));
+    timed("case_cgroup_limits", &|| common::case_cgroup_limits(&t));
 
     // 500 orphans come to PID 1 (the container has no pid namespace); none may stay a zombie.
     common::case_spawn_500_orphans(&t);

@@ -470,6 +470,10 @@ pub fn setup_root(root: &RootPlan) -> Step {
             return Err(fail(Stage::DevSymlink, i, errno()));
         }
     }
+    // Sysctls (through the container's /proc, before /proc/sys may become read-only).
+    for (i, (path, value)) in root.sysctl.iter().enumerate() {
+        write_file(path, value).map_err(|e| fail(Stage::Sysctl, i, e))?;
+    }
     for (i, path) in root.masked.iter().enumerate() {
         mask_path(i, path, &root.dev_null)?;
     }
@@ -522,9 +526,6 @@ pub fn setup_root(root: &RootPlan) -> Step {
             std::ptr::null(),
         );
         check(rc, Stage::RootReadonly, 0)?;
-    }
-    for (i, (path, value)) in root.sysctl.iter().enumerate() {
-        write_file(path, value).map_err(|e| fail(Stage::Sysctl, i, e))?;
     }
     if let Some(name) = &root.hostname {
         let bytes = name.as_bytes();

@@ -35,7 +35,7 @@ pub enum SpawnError {
         source: std::io::Error,
     },
     /// The child reported a failed step.
-    #[error("{stage} (step {index}): {source}")]
+    #[error("{stage} (step {index})")]
     Child {
         /// What the child was doing.
         stage: &'static str,

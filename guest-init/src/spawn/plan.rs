@@ -316,7 +316,7 @@ pub struct RootPlan {
     pub readonly_paths: Vec<CString>,
     /// guest-init's `/dev/null`, bound over masked files.
     pub dev_null: CString,
-    /// `(path under /proc/sys, value)`, written after the pivot.
+    /// `(<root>/proc/sys/..., value)`, written through the container's /proc before the pivot.
     pub sysctl: Vec<(CString, Vec<u8>)>,
     /// Host name for a new UTS namespace.
     pub hostname: Option<CString>,
@@ -703,7 +703,8 @@ impl RootPlan {
                 return Err(PlanError::Invalid(format!("sysctl key `{key}` is invalid")));
             }
             let path = format!("/proc/sys/{}", key.replace('.', "/"));
-            sysctl.push((cstring("sysctl key", path)?, value.as_bytes().to_vec()));
+            let path = resolve_in_root(&rootfs, "sysctl key", &path)?;
+            sysctl.push((cpath("sysctl key", &path)?, value.as_bytes().to_vec()));
         }
         let hostname = match &spec.hostname {
             None => None,

@@ -378,6 +378,8 @@ pub fn case_stdio(t: &Target) {
     c.exec("io1", "cat", process(&["cat"])).unwrap();
     let mut stdin = t.attach("io1", "cat", StdioStream::Stdin);
     let stdout = t.attach("io1", "cat", StdioStream::Stdout);
+    // A second attach of the same stream is refused with an error frame.
+    assert!(attach_stdio((t.connect)(), "io1", "cat", StdioStream::Stdout).is_err());
     let data: Vec<u8> = (0..8u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
@@ -555,4 +557,123 @@ pub fn case_cgroup_limits(t: &Target) {
     assert!(c.stats("lim").unwrap().oom_kills >= 1);
     c.health().unwrap();
     c.remove("lim", true).unwrap();
+}
+
+/// rlimits, umask, supplementary groups, no_new_privs, oom_score_adj, a read-only root, masked
+/// and read-only paths, sysctl. Uses container `ps1`.
+pub fn case_process_settings(t: &Target) {
+    let c = &t.client;
+    let mut s = spec(process(&["sleep", "1000000"]), true);
+    s.root.readonly = true;
+    s.linux.masked_paths = vec![
+        "/proc/version".into(),
+        "/sys/kernel".into(),
+        "/nonexistent".into(),
+    ];
+    s.linux.readonly_paths = vec!["/proc/sys".into()];
+    s.linux.namespaces.push(Namespace {
+        kind: NamespaceKind::Network,
+        path: None,
+    });
+    s.linux
+        .sysctl
+        .insert("net.ipv4.ip_forward".into(), "1".into());
+    c.create_container("ps1", s).unwrap();
+    c.start("ps1").unwrap();
+    let mut p = sh("ulimit -n; ulimit -Hn; umask; id -G; \
+                    grep NoNewPrivs /proc/self/status | tr -d '\\t '; cat /proc/self/oom_score_adj; \
+                    touch /rootfile 2>/dev/null && echo root-rw || echo root-ro; \
+                    touch /tmp/x && echo tmp-rw; \
+                    wc -c < /proc/version; ls /sys/kernel | wc -l; \
+                    echo 1 > /proc/sys/kernel/domainname 2>/dev/null && echo sys-rw || echo sys-ro; \
+                    cat /proc/sys/net/ipv4/ip_forward");
+    p.rlimits = vec![kiln_protocol::Rlimit {
+        kind: "RLIMIT_NOFILE".into(),
+        soft: 77,
+        hard: 99,
+    }];
+    p.user.umask = Some(0o027);
+    p.user.additional_gids = vec![10, 20];
+    p.no_new_privileges = true;
+    p.oom_score_adj = Some(123);
+    let (status, out, err) = t.run("ps1", "settings", p);
+    assert_eq!(status, ExitStatus::Exited(0), "{out} {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "77",
+            "99",
+            "0027",
+            "0 10 20",
+            "NoNewPrivs:1",
+            "123",
+            "root-ro",
+            "tmp-rw",
+            "0",
+            "0",
+            "sys-ro",
+            "1"
+        ],
+        "stderr: {err}"
+    );
+    c.remove("ps1", true).unwrap();
+}
+
+/// Bad specs and failing execs get clear errors and leave nothing behind.
+pub fn case_bad_specs(t: &Target) {
+    let c = &t.client;
+    let mut s = spec(process(&["true"]), true);
+    s.process.cwd = "relative".into();
+    assert_eq!(
+        agent_error(c.create_container("bad1", s).unwrap_err()),
+        ErrorKind::InvalidArgument
+    );
+    let mut s = spec(process(&["true"]), true);
+    s.linux
+        .namespaces
+        .retain(|n| n.kind != NamespaceKind::Mount);
+    assert_eq!(
+        agent_error(c.create_container("bad1", s).unwrap_err()),
+        ErrorKind::InvalidArgument
+    );
+    let mut s = spec(process(&["true"]), true);
+    s.mounts[0].destination = "/../../etc".into();
+    assert_eq!(
+        agent_error(c.create_container("bad1", s).unwrap_err()),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        agent_error(
+            c.create_container("../x", spec(process(&["true"]), true))
+                .unwrap_err()
+        ),
+        ErrorKind::InvalidArgument
+    );
+    // A program that does not exist: Start fails and names the problem.
+    c.create_container("bad2", spec(process(&["/no/such/program"]), true))
+        .unwrap();
+    match c.start("bad2").unwrap_err() {
+        ClientError::Agent(e) => assert!(e.message.contains("executing"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        c.wait("bad2", INIT_EXEC_ID).unwrap(),
+        ExitStatus::Exited(127)
+    );
+    c.remove("bad2", false).unwrap();
+    // The same id can be used again after a failed create and after remove.
+    t.sleeper("bad1", true);
+    match c
+        .exec("bad1", "nx", process(&["nonexistent-program"]))
+        .unwrap_err()
+    {
+        ClientError::Agent(e) => assert!(e.message.contains("No such file"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    let (status, _, _) = t.run("bad1", "nx", sh("exit 4"));
+    assert_eq!(status, ExitStatus::Exited(4));
+    c.remove("bad1", true).unwrap();
+    t.sleeper("bad1", true);
+    c.remove("bad1", true).unwrap();
 }
