@@ -353,6 +353,10 @@ fn jailed_process_is_confined() {
             "{host_path} visible in the jail"
         );
     }
+    // Other local users cannot reach the socket: DIR is 0700 and owned by the jail uid.
+    let meta = std::fs::metadata(&jail).expect("jail dir");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o700, NOBODY));
     let mounts = std::fs::read_to_string(proc_dir.join("mountinfo")).expect("mountinfo");
     let mut points: Vec<&str> = mounts
         .lines()

@@ -2,7 +2,8 @@
 //! "Jail" section of `docs/seccomp.md`).
 //!
 //! [`enter`] runs on the main thread before any other thread exists:
-//! 1. checks the paths (the vsock socket must live inside DIR) and, when not root, creates a
+//! 1. checks the paths (the vsock socket must live inside DIR), makes DIR mode 0700 (owned by
+//!    the jail uid, so other local users cannot reach the socket) and, when not root, creates a
 //!    user namespace mapping only the caller's own uid/gid;
 //! 2. `unshare(CLONE_NEWPID)` then forks once: the new PID namespace only applies to children,
 //!    so the child is its PID 1 and runs the VM, while the parent stays outside as the
@@ -25,6 +26,7 @@ pub mod privs;
 mod tests;
 
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::seccomp::SeccompMode;
@@ -156,6 +158,8 @@ pub fn enter(cfg: &JailConfig, vm: &mut VmConfig) -> Result<Entered, JailError> 
     };
     std::fs::create_dir_all(&cfg.dir).map_err(dir_err)?;
     let dir = cfg.dir.canonicalize().map_err(dir_err)?;
+    // Only the jail uid (and root) may reach the vsock socket inside.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
     let uds_inside = match &vm.vsock {
         Some(v) => {
             let outside = || JailError::UdsOutside {

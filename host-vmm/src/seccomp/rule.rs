@@ -2,8 +2,7 @@
 //! argument checks that must hold, turned into a seccompiler filter by [`super::compile`].
 //!
 //! Kept as plain data (not seccompiler types) so the tests can call every allowed syscall with
-//! arguments that satisfy its checks, and so the reasons are printed by `docs/seccomp.md`'s
-//! table generator test.
+//! arguments that satisfy its checks, and check that `docs/seccomp.md` shows each list as it is.
 
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 

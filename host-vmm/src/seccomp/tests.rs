@@ -24,7 +24,12 @@ fn ctx() -> FilterContext {
     }
 }
 
-const KINDS: [ThreadKind; 3] = [ThreadKind::Vcpu, ThreadKind::Vmm, ThreadKind::Monitor];
+const KINDS: [ThreadKind; 4] = [
+    ThreadKind::Vcpu,
+    ThreadKind::Vmm,
+    ThreadKind::Monitor,
+    ThreadKind::Client,
+];
 
 fn kill_filter(kind: ThreadKind, ctx: &FilterContext) -> BpfProgram {
     compile_list(
@@ -228,6 +233,19 @@ fn forbidden(kind: ThreadKind, ctx: &FilterContext) -> Vec<(&'static str, Call)>
             ),
             ("read", (SYS_read, [m; 6])),
         ]),
+        ThreadKind::Client => v.extend([
+            ("ioctl KVM_RUN", (SYS_ioctl, [m, vcpu::KVM_RUN, m, m, m, m])),
+            ("kill", (SYS_kill, [1, SIGKILL as u64, m, m, m, m])),
+            ("accept4", (SYS_accept4, [m; 6])),
+            (
+                "clone without CLONE_THREAD (fork)",
+                (SYS_clone, [SIGCHLD as u64, m, m, m, m, m]),
+            ),
+            (
+                "prctl PR_SET_DUMPABLE",
+                (SYS_prctl, [PR_SET_DUMPABLE as u64, m, m, m, m, m]),
+            ),
+        ]),
     }
     v
 }
@@ -334,4 +352,70 @@ fn off_installs_nothing_and_every_rule_has_a_reason() {
 fn ioctl_numbers() {
     assert_eq!(vcpu::KVM_RUN, 0xae80);
     assert_eq!(vcpu::KVM_GET_REGS, 0x8090_ae81);
+}
+
+fn check_text(c: &ArgCheck) -> String {
+    match *c {
+        ArgCheck::Eq32 { arg, value } => format!("arg{arg} == {value:#x}"),
+        ArgCheck::Eq64 { arg, value } => format!("arg{arg} == {value:#x}"),
+        ArgCheck::Masked { arg, mask, value } => format!("arg{arg} & {mask:#x} == {value:#x}"),
+    }
+}
+
+/// The markdown table of `kind`'s allow list, as `docs/seccomp.md` shows it. Context values
+/// that vary per run (pids) are shown symbolically.
+fn markdown_table(kind: ThreadKind) -> String {
+    let ctx = FilterContext {
+        pid: 4_000_001,
+        kick_signal: crate::kvm::vcpu::kick_signal(),
+        child_pid: Some(4_000_002),
+    };
+    let mut rows = vec![
+        "| syscall | allowed arguments | why |".to_string(),
+        "|---|---|---|".to_string(),
+    ];
+    let mut list = allowed(kind, &ctx).unwrap();
+    list.sort_by_key(|a| names::syscall_name(a.nr).unwrap_or(""));
+    for a in &list {
+        let args = if a.any_of.is_empty() {
+            "any".to_string()
+        } else {
+            a.any_of
+                .iter()
+                .map(|alt| alt.iter().map(check_text).collect::<Vec<_>>().join(" && "))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        };
+        let args = args
+            .replace(&format!("{:#x}", 4_000_001), "getpid()")
+            .replace(&format!("{:#x}", 4_000_002), "child pid");
+        rows.push(format!(
+            "| `{}` | {} | {} |",
+            names::syscall_name(a.nr).unwrap_or("?"),
+            args,
+            a.why
+        ));
+    }
+    rows.join("\n")
+}
+
+/// `docs/seccomp.md` shows every list exactly as the code has it. To refresh the document:
+/// `cargo test -p host-vmm --lib seccomp::tests::docs_match_the_lists -- --nocapture` prints
+/// the tables.
+#[test]
+fn docs_match_the_lists() {
+    let doc_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/seccomp.md");
+    let doc = std::fs::read_to_string(doc_path).unwrap_or_default();
+    let mut stale = Vec::new();
+    for kind in KINDS {
+        let table = markdown_table(kind);
+        println!("### {}\n\n{table}\n", kind.name());
+        if !doc.contains(&table) {
+            stale.push(kind.name());
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "docs/seccomp.md is out of date for {stale:?} (tables printed above)"
+    );
 }

@@ -37,7 +37,7 @@ pub fn allowed(ctx: &FilterContext) -> Vec<Allowed> {
         ),
         Allowed::when(
             SYS_socket,
-            "vsock: guest connections to host port P open a unix stream to <uds>_P",
+            "vsock: guest connections to host port P open a unix stream to UDS_P",
             vec![vec![
                 ArgCheck::Eq32 {
                     arg: 0,
