@@ -22,7 +22,10 @@ pub fn allowed(child: u32) -> Vec<Allowed> {
         Allowed::any(SYS_write, "messages on stderr"),
         Allowed::any(SYS_rt_sigreturn, "return from the stop-signal handler"),
         Allowed::any(SYS_rt_sigprocmask, "glibc's exit path"),
-        Allowed::any(SYS_sigaltstack, "std removes the main thread's signal stack at exit"),
+        Allowed::any(
+            SYS_sigaltstack,
+            "std removes the main thread's signal stack at exit",
+        ),
         Allowed::any(
             SYS_restart_syscall,
             "wait4 interrupted by a forwarded signal",
