@@ -174,6 +174,18 @@ impl Agent {
         subs.retain(|tx| tx.send(AgentMessage::Event(event.clone())).is_ok());
     }
 
+    /// Reserves `exec` in `container` (a placeholder without pid until it is registered).
+    /// Returns false when the id is taken.
+    pub fn reserve_process(&self, st: &mut State, container: &str, exec: &str) -> bool {
+        match st.containers.get_mut(container) {
+            Some(c) if !c.processes.contains_key(exec) => {
+                c.processes.insert(exec.to_string(), Process::new(0));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Records that `pid` belongs to a container process (call before it can exec).
     pub fn register_process(&self, container: &str, exec: &str, pid: i32) {
         let mut st = self.lock();
@@ -234,7 +246,7 @@ impl Agent {
         if let Some(c) = st.containers.get_mut(container) {
             c.processes.remove(exec);
         }
-        if st.pids.contains_key(&pid) {
+        if pid > 0 && st.pids.contains_key(&pid) {
             st.pids.insert(pid, Owner::Helper);
         }
         self.exited.notify_all();

@@ -206,7 +206,7 @@ impl Agent {
         spec: &ProcessSpec,
     ) -> Result<u32, ErrorReply> {
         check_id("exec id", exec_id)?;
-        let mut exec = ExecPlan::new(spec).map_err(invalid)?;
+        let exec = ExecPlan::new(spec).map_err(invalid)?;
         let (ns, init_pid, cgroup) = {
             let mut st = self.lock();
             let c = st.containers.get_mut(id).ok_or_else(|| no_container(id))?;
@@ -225,59 +225,69 @@ impl Agent {
                     format!("container `{id}` has stopped"),
                 ));
             }
-            if c.processes.contains_key(exec_id) {
-                return Err(err(
-                    ErrorKind::AlreadyExists,
-                    format!("process `{exec_id}` already exists in container `{id}`"),
-                ));
-            }
             if c.processes.len() >= MAX_PROCESSES {
                 return Err(err(
                     ErrorKind::ResourceExhausted,
                     format!("at most {MAX_PROCESSES} processes per container"),
                 ));
             }
-            (c.ns, c.init_pid, c.cgroup.clone())
+            let found = (c.ns, c.init_pid, c.cgroup.clone());
+            if !self.reserve_process(&mut st, id, exec_id) {
+                return Err(err(
+                    ErrorKind::AlreadyExists,
+                    format!("process `{exec_id}` already exists in container `{id}`"),
+                ));
+            }
+            found
         };
+        let result = self.exec_reserved(id, exec_id, spec, exec, ns, init_pid, &cgroup);
+        if result.is_err() {
+            // Drops the placeholder (or the registered process whose spawn failed).
+            let pid = {
+                let st = self.lock();
+                st.containers
+                    .get(id)
+                    .and_then(|c| c.processes.get(exec_id))
+                    .map(|p| p.pid)
+            };
+            self.forget_process(id, exec_id, pid.unwrap_or(0));
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn exec_reserved(
+        &self,
+        id: &str,
+        exec_id: &str,
+        spec: &ProcessSpec,
+        mut exec: ExecPlan,
+        ns: NamespaceSet,
+        init_pid: i32,
+        cgroup: &Cgroup,
+    ) -> Result<u32, ErrorReply> {
         let ns_fds = NamespaceFds::open(init_pid, ns)
             .map_err(|e| spawn_failed(&format!("joining container `{id}`"), e))?;
         let io = IoPair::new(exec.terminal, spec.console_size)
             .map_err(|e| spawn_failed("creating stdio", e))?;
-        let mut registered = None;
         let register = |pid: i32| -> Result<(), String> {
-            let mut st = self.lock();
-            let c = st
-                .containers
-                .get_mut(id)
-                .ok_or_else(|| format!("container `{id}` was removed"))?;
-            if c.processes.contains_key(exec_id) {
-                return Err(format!("process `{exec_id}` already exists"));
+            if !self.lock().containers.contains_key(id) {
+                return Err(format!("container `{id}` was removed"));
             }
-            drop(st);
             self.register_process(id, exec_id, pid);
-            registered = Some(pid);
             cgroup.add(pid).map_err(|e| e.to_string())
         };
-        let result = spawn::spawn_exec(
+        let (pid, parent_io) = spawn::spawn_exec(
             &ns_fds,
             &mut exec,
             io,
             |p| self.register_helper(p),
             register,
-        );
-        match result {
-            Ok((pid, parent_io)) => {
-                self.install_io(id, exec_id, parent_io)?;
-                log::info!("container {id}: exec {exec_id} pid {pid}");
-                Ok(pid as u32)
-            }
-            Err(e) => {
-                if let Some(pid) = registered {
-                    self.forget_process(id, exec_id, pid);
-                }
-                Err(spawn_failed(&format!("exec `{exec_id}` in `{id}`"), e))
-            }
-        }
+        )
+        .map_err(|e| spawn_failed(&format!("exec `{exec_id}` in `{id}`"), e))?;
+        self.install_io(id, exec_id, parent_io)?;
+        log::info!("container {id}: exec {exec_id} pid {pid}");
+        Ok(pid as u32)
     }
 
     /// `SignalProcess`.
@@ -298,6 +308,12 @@ impl Agent {
             return Err(err(
                 ErrorKind::InvalidState,
                 format!("process `{exec_id}` in `{id}` has exited"),
+            ));
+        }
+        if p.pid <= 0 {
+            return Err(err(
+                ErrorKind::InvalidState,
+                format!("process `{exec_id}` in `{id}` is still being created"),
             ));
         }
         // Under the state lock the pid cannot be reaped and reused meanwhile.
