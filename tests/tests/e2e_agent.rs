@@ -417,7 +417,7 @@ fn case_pids_max(g: &Guest) {
     let (_, out, err) = g.run(
         "pids",
         "forks",
-        sh("for i in $(seq 40); do sleep 30 & done; echo spawned"),
+        sh("for i in $(seq 40); do sleep 30 >/dev/null 2>&1 & done; echo spawned"),
     );
     let stats = g.client.stats("pids").unwrap();
     assert!(stats.pids_current <= 16, "{stats:?}");
