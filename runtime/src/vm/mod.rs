@@ -18,7 +18,7 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::client::{AgentClient, ClientError};
@@ -207,9 +207,7 @@ pub struct VmTimings {
 #[derive(Debug)]
 pub struct Vm {
     backend: Backend,
-    vmm: Mutex<Child>,
-    vmm_status: Mutex<Option<ExitStatus>>,
-    vsock_device: Mutex<Option<Child>>,
+    procs: Arc<Processes>,
     uds: PathBuf,
     vhost_user_socket: Option<PathBuf>,
     console_log: PathBuf,
@@ -292,9 +290,7 @@ impl Vm {
         };
         let vm = Vm {
             backend: cfg.backend.clone(),
-            vmm: Mutex::new(vmm),
-            vmm_status: Mutex::new(None),
-            vsock_device: Mutex::new(vsock_device),
+            procs: Processes::start(vmm, vsock_device),
             uds,
             vhost_user_socket,
             console_log,
@@ -336,7 +332,7 @@ impl Vm {
 
     /// PID of the VMM process.
     pub fn vmm_pid(&self) -> u32 {
-        lock(&self.vmm).id()
+        lock(&self.procs.vmm).id()
     }
 
     /// Spawn and agent-ready times.
@@ -444,14 +440,7 @@ impl Vm {
 
     /// The VMM's exit status if it has exited (then the vsock device is stopped too).
     pub fn try_wait(&self) -> Result<Option<ExitStatus>, VmError> {
-        let mut status = lock(&self.vmm_status);
-        if status.is_none() {
-            *status = lock(&self.vmm).try_wait().map_err(VmError::Wait)?;
-            if status.is_some() {
-                self.stop_vsock_device();
-            }
-        }
-        Ok(*status)
+        self.procs.try_wait()
     }
 
     /// Waits for the VMM to exit (e.g. after the agent's `Shutdown`).
@@ -480,25 +469,9 @@ impl Vm {
 
     /// Kills the VMM (SIGKILL) and the vsock device, reaps them and removes the sockets.
     pub fn kill(&self) -> Result<ExitStatus, VmError> {
-        let status = {
-            let mut status = lock(&self.vmm_status);
-            if status.is_none() {
-                let mut vmm = lock(&self.vmm);
-                // Kill fails only when the child was already reaped, which `status` rules out.
-                let _ = vmm.kill();
-                *status = Some(vmm.wait().map_err(VmError::Wait)?);
-            }
-            status.unwrap_or_else(|| unreachable!("status set above"))
-        };
-        self.stop_vsock_device();
+        let status = self.procs.kill()?;
         self.remove_sockets();
         Ok(status)
-    }
-
-    fn stop_vsock_device(&self) {
-        if let Some(mut device) = lock(&self.vsock_device).take() {
-            stop(&mut device);
-        }
     }
 
     fn remove_sockets(&self) {
@@ -512,6 +485,82 @@ impl Drop for Vm {
     fn drop(&mut self) {
         if let Err(e) = self.kill() {
             log::warn!("stopping the VM: {e}");
+        }
+    }
+}
+
+/// The VM's processes, shared with the monitor thread.
+#[derive(Debug)]
+struct Processes {
+    vmm: Mutex<Child>,
+    status: Mutex<Option<ExitStatus>>,
+    vsock_device: Mutex<Option<Child>>,
+}
+
+impl Processes {
+    /// With a vsock device, also starts a thread that stops the device as soon as the VMM
+    /// exits: a `vhost-device-vsock` outliving QEMU would keep the host's connections open, so
+    /// agent calls would hang instead of failing with "disconnected".
+    fn start(vmm: Child, vsock_device: Option<Child>) -> Arc<Processes> {
+        let monitor = vsock_device.is_some();
+        let procs = Arc::new(Processes {
+            vmm: Mutex::new(vmm),
+            status: Mutex::new(None),
+            vsock_device: Mutex::new(vsock_device),
+        });
+        if monitor {
+            let weak = Arc::downgrade(&procs);
+            let spawned = std::thread::Builder::new()
+                .name("kiln-vm-monitor".into())
+                .spawn(move || loop {
+                    std::thread::sleep(Duration::from_millis(50));
+                    // Gone (the Vm was dropped), exited, or unreadable: nothing left to watch.
+                    match weak.upgrade().map(|p| p.try_wait()) {
+                        Some(Ok(None)) => {}
+                        _ => break,
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("no VM monitor thread ({e}): the vsock device stops on wait or drop");
+            }
+        }
+        procs
+    }
+
+    fn try_wait(&self) -> Result<Option<ExitStatus>, VmError> {
+        let mut status = lock(&self.status);
+        if status.is_none() {
+            *status = lock(&self.vmm).try_wait().map_err(VmError::Wait)?;
+            if status.is_some() {
+                self.stop_vsock_device();
+            }
+        }
+        Ok(*status)
+    }
+
+    fn kill(&self) -> Result<ExitStatus, VmError> {
+        let status = {
+            let mut status = lock(&self.status);
+            match *status {
+                Some(s) => s,
+                None => {
+                    let mut vmm = lock(&self.vmm);
+                    // Kill fails only when the child was already reaped, which `status` rules
+                    // out.
+                    let _ = vmm.kill();
+                    let s = vmm.wait().map_err(VmError::Wait)?;
+                    *status = Some(s);
+                    s
+                }
+            }
+        };
+        self.stop_vsock_device();
+        Ok(status)
+    }
+
+    fn stop_vsock_device(&self) {
+        if let Some(mut device) = lock(&self.vsock_device).take() {
+            stop(&mut device);
         }
     }
 }

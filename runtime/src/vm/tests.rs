@@ -134,3 +134,20 @@ fn kill_then_wait_reports_the_signal() {
     );
     assert_eq!(vm.wait().unwrap(), status);
 }
+
+/// When the VMM exits on its own, the monitor stops the vsock device without anyone calling
+/// wait (a device outliving QEMU would keep the host's connections open).
+#[test]
+fn monitor_stops_the_vsock_device_when_the_vmm_exits() {
+    let vmm = Command::new("sleep").arg("0.2").spawn().unwrap();
+    let device = Command::new("sleep").arg("1000").spawn().unwrap();
+    let device_pid = device.id();
+    let procs = Processes::start(vmm, Some(device));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lock(&procs.vsock_device).is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(lock(&procs.vsock_device).is_none(), "device still running");
+    assert!(lock(&procs.status).is_some_and(|s| s.success()));
+    assert!(!PathBuf::from(format!("/proc/{device_pid}")).exists());
+}
