@@ -208,7 +208,8 @@ impl OutStream {
         !matches!(lock(&self.state).sink, Sink::Unattached)
     }
 
-    /// Attaches a connection. Output kept so far is written first.
+    /// Attaches a connection. Output kept so far is written to it first, by the caller (so this
+    /// blocks until the peer has taken it).
     pub fn attach(&self, conn: File) -> Result<(), AttachError> {
         let mut st = lock(&self.state);
         if !matches!(st.sink, Sink::Unattached) {
@@ -310,5 +311,119 @@ impl StdinSlot {
         if let Some(conn) = st.conn.take() {
             shutdown(&conn, Shutdown::Read);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    fn pipe() -> (File, OwnedFd) {
+        let (r, w) = crate::spawn::pipe().unwrap();
+        (File::from(w), r)
+    }
+
+    fn stream(source: OwnedFd) -> (Arc<OutStream>, Arc<AtomicUsize>) {
+        let done = Arc::new(AtomicUsize::new(0));
+        let d = done.clone();
+        let s = OutStream::start(
+            "test".into(),
+            source,
+            Box::new(move || {
+                d.fetch_add(1, Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        (s, done)
+    }
+
+    fn read_to_end(mut s: UnixStream) -> Vec<u8> {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn output_written_before_attach_is_delivered_at_attach() {
+        let (mut w, r) = pipe();
+        let (s, done) = stream(r);
+        w.write_all(b"early ").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        s.attach(File::from(OwnedFd::from(ours))).unwrap();
+        // Delivered at once, not only with the next write.
+        let mut buf = [0u8; 6];
+        let mut theirs_r = theirs.try_clone().unwrap();
+        theirs_r
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        theirs_r.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"early ");
+        w.write_all(b"late").unwrap();
+        drop(w);
+        assert_eq!(read_to_end(theirs), b"late");
+        assert!(s.is_done());
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+        let (again, _) = UnixStream::pair().unwrap();
+        assert!(s.attach(File::from(OwnedFd::from(again))).is_err());
+    }
+
+    #[test]
+    fn attach_after_end_of_output_gets_everything() {
+        let (mut w, r) = pipe();
+        let (s, done) = stream(r);
+        w.write_all(b"all of it").unwrap();
+        drop(w);
+        while done.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(s.is_done());
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        s.attach(File::from(OwnedFd::from(ours))).unwrap();
+        assert_eq!(read_to_end(theirs), b"all of it");
+    }
+
+    #[test]
+    fn unattached_output_blocks_at_the_limit_then_flows() {
+        let (mut w, r) = pipe();
+        let (s, _) = stream(r);
+        let total = PENDING_LIMIT * 3;
+        let writer = std::thread::spawn(move || {
+            w.write_all(&vec![7u8; total]).unwrap();
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !writer.is_finished(),
+            "the writer should block without a reader"
+        );
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        // attach() writes the kept output itself, so the reader must already run.
+        let reader = std::thread::spawn(move || read_to_end(theirs));
+        s.attach(File::from(OwnedFd::from(ours))).unwrap();
+        let got = reader.join().unwrap();
+        writer.join().unwrap();
+        assert_eq!(got.len(), total);
+    }
+
+    #[test]
+    fn close_ends_stdin_even_while_attached() {
+        let (w, r) = pipe();
+        let slot = StdinSlot::new(OwnedFd::from(w), false);
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        slot.attach(File::from(OwnedFd::from(ours))).unwrap();
+        theirs.write_all(b"abc").unwrap();
+        let mut reader = File::from(r);
+        let mut buf = [0u8; 3];
+        reader.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"abc");
+        slot.close();
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert!(slot.is_taken());
     }
 }

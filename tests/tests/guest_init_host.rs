@@ -142,7 +142,9 @@ impl Drop for Agent {
 #[test]
 fn handshake_version_health_and_bad_openings() {
     let agent = Agent::start("hello");
-    common::case_handshake_and_bad_openings(&agent.target());
+    let t = agent.target();
+    common::case_handshake_and_bad_openings(&t);
+    common::report_numbers(&t, "guest-init on the host (unix socket)");
 }
 
 #[test]

@@ -241,6 +241,28 @@ pub fn case_handshake_and_bad_openings(t: &Target) {
     t.new_client().health().unwrap();
 }
 
+/// Prints round-trip numbers: `Health` and exec + wait of `/bin/true`. Uses container `nb1`.
+pub fn report_numbers(t: &Target, label: &str) {
+    let c = &t.client;
+    let n = 100;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        c.health().unwrap();
+    }
+    let health = t0.elapsed() / n;
+    t.sleeper("nb1", true);
+    let runs = 20;
+    let t0 = Instant::now();
+    for i in 0..runs {
+        let exec = format!("true{i}");
+        c.exec("nb1", &exec, process(&["true"])).unwrap();
+        assert_eq!(c.wait("nb1", &exec).unwrap(), ExitStatus::Exited(0));
+    }
+    let exec = t0.elapsed() / runs;
+    c.remove("nb1", true).unwrap();
+    eprintln!("{label}: Health round trip {health:?}, exec+wait of /bin/true {exec:?} (means)");
+}
+
 /// Malformed and oversize frames after the handshake: error replies, the connection goes on.
 pub fn case_bad_frames_on_control_connection(t: &Target) {
     let mut s = (t.connect)();
@@ -318,9 +340,23 @@ pub fn case_exit_codes_signals_and_events(t: &Target) {
         ExitStatus::Signaled(9)
     );
 
-    c.create_container("ex3", spec(sh("exit 3"), true)).unwrap();
+    // The main process: stdio attached between create and start, output complete at exit.
+    c.create_container(
+        "ex3",
+        spec(sh("echo main-out; echo main-err >&2; exit 3"), true),
+    )
+    .unwrap();
+    let out = t.attach("ex3", INIT_EXEC_ID, StdioStream::Stdout);
+    let err = t.attach("ex3", INIT_EXEC_ID, StdioStream::Stderr);
+    c.close_stdin("ex3", INIT_EXEC_ID).unwrap();
     c.start("ex3").unwrap();
     assert_eq!(c.wait("ex3", INIT_EXEC_ID).unwrap(), ExitStatus::Exited(3));
+    assert_eq!(read_all(out), b"main-out\n");
+    assert_eq!(read_all(err), b"main-err\n");
+    assert_eq!(
+        agent_error(c.start("ex3").unwrap_err()),
+        ErrorKind::InvalidState
+    );
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seen = Vec::new();
