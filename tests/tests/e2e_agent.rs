@@ -78,6 +78,10 @@ fn run_all(backend: Backend, tag: &str) {
         m.to_host_mbps
     );
     eprintln!(
+        "  (same bytes through a pipe inside the guest: {:.1} MB/s)",
+        m.in_guest_pipe_mbps
+    );
+    eprintln!(
         "  health round trip (med / p99)  {:>10.1?} / {:.1?}",
         m.health_median, m.health_p99
     );
@@ -528,6 +532,7 @@ struct Measurements {
     exec_true: Duration,
     to_guest_mbps: f64,
     to_host_mbps: f64,
+    in_guest_pipe_mbps: f64,
     health_median: Duration,
     health_p99: Duration,
 }
@@ -569,6 +574,18 @@ fn measure(g: &Guest) -> Measurements {
     assert_eq!(out.len(), LEN);
     c.wait("bench", "source").unwrap();
 
+    // The same bytes through a pipe inside the guest, for scale (the guest's own copy speed):
+    // exec-to-exit time minus that of /bin/true.
+    let started = Instant::now();
+    c.exec(
+        "bench",
+        "pipe",
+        sh(&format!("head -c {LEN} /dev/zero | cat > /dev/null")),
+    )
+    .unwrap();
+    assert_eq!(c.wait("bench", "pipe").unwrap(), ExitStatus::Exited(0));
+    let pipe = started.elapsed().saturating_sub(percentile(&execs, 0.5));
+
     let mut rtts: Vec<Duration> = (0..300)
         .map(|_| {
             let started = Instant::now();
@@ -583,6 +600,7 @@ fn measure(g: &Guest) -> Measurements {
         exec_true: percentile(&execs, 0.5),
         to_guest_mbps: mbps(to_guest),
         to_host_mbps: mbps(to_host),
+        in_guest_pipe_mbps: mbps(pipe),
         health_median: percentile(&rtts, 0.5),
         health_p99: percentile(&rtts, 0.99),
     }
