@@ -276,7 +276,7 @@ fn guest_mounts(mounts: &[MountSpec]) -> Result<Vec<MountSpec>, String> {
                 ],
             });
         } else if SKIPPED_FILE_BINDS.contains(&m.destination.as_str()) {
-            log::warn!(
+            log::info!(
                 "bind mount of host file {source} on {} skipped: the VM sees only block devices",
                 m.destination
             );

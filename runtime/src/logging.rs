@@ -75,10 +75,14 @@ pub fn init(path: Option<&Path>, format: LogFormat, debug: bool) {
             }
         },
     );
+    // On stderr (which a client may pass on as the container's output) only warnings and
+    // errors, like runc; a log file also gets the info lines (backend choice, timings).
     let level = if debug || std::env::var_os("KILN_DEBUG").is_some() {
         log::LevelFilter::Debug
-    } else {
+    } else if file.is_some() {
         log::LevelFilter::Info
+    } else {
+        log::LevelFilter::Warn
     };
     let logger = Logger {
         file,

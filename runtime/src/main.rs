@@ -12,7 +12,20 @@ use kiln_runtime::config::RuntimeConfig;
 fn main() {
     let cli = Cli::parse();
     let g = &cli.global;
-    kiln_runtime::logging::init(g.log.as_deref(), g.log_format, g.debug);
+    // The shims' stderr is the container's: without --log they log into the state directory.
+    let shim_id = match &cli.command {
+        Some(Command::Shim(a)) => Some(&a.id),
+        Some(Command::ExecShim(a)) => Some(&a.id),
+        _ => None,
+    };
+    let shim_log = shim_id
+        .filter(|_| g.log.is_none())
+        .map(|id| g.root.join(id).join("shim.log"));
+    kiln_runtime::logging::init(
+        g.log.as_deref().or(shim_log.as_deref()),
+        g.log_format,
+        g.debug,
+    );
     let ctx = Context::new(g);
     let Some(command) = &cli.command else {
         if g.version {

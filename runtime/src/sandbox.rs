@@ -22,6 +22,9 @@ use crate::bundle::VmSize;
 use crate::config::{RuntimeConfig, VmmChoice};
 use crate::vm::{self, Accel, Backend, HostProbe, Vm, VmConfig, VmError, VmTimings};
 
+/// What guest-init prints on the console once it accepts connections.
+const LISTENING: &[u8] = b"listening on vsock port";
+
 /// Longest state directory path used for the VM's sockets as is.
 const MAX_VM_DIR: usize = 80;
 
@@ -211,8 +214,26 @@ impl Sandbox {
     }
 
     /// Waits for the agent (up to `timeout`) and performs the handshake.
+    ///
+    /// The first connection is made only once guest-init has said on the console that it
+    /// listens: a hybrid-vsock CONNECT sent to `vhost-device-vsock` before the guest's vsock
+    /// driver is up was seen to be lost and to leave the device unanswering for good (agent
+    /// "not up" for minutes). Polling a log file costs nothing and works for every backend.
     pub fn connect_agent(&mut self, timeout: Duration) -> Result<AgentClient, SandboxError> {
-        Ok(self.vm.connect_agent(timeout)?)
+        let started = std::time::Instant::now();
+        let console = self.vm.console_log().to_path_buf();
+        while started.elapsed() < timeout {
+            let text = std::fs::read(&console).unwrap_or_default();
+            if text.windows(LISTENING.len()).any(|w| w == LISTENING) {
+                break;
+            }
+            if self.vm.try_wait().ok().flatten().is_some() {
+                break; // connect_agent below reports the exit with the console
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        Ok(self.vm.connect_agent(left.max(Duration::from_secs(1)))?)
     }
 
     /// Kills the VMM and its helpers and reaps them.

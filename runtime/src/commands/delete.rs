@@ -28,8 +28,9 @@ pub fn run(ctx: &Context, args: &DeleteArgs) -> Result<i32, CommandError> {
     };
     if let Some(state) = &state {
         match state.status() {
-            Status::Stopped | Status::Created => {}
-            Status::Creating if args.force => {}
+            // We hold the lock that `create` holds throughout: still "creating" means that
+            // create died half way, and what it left is removed.
+            Status::Stopped | Status::Created | Status::Creating => {}
             s if args.force => log::info!("deleting {} in state {}", args.id, s.as_str()),
             s => {
                 return Err(CommandError::InvalidState(format!(

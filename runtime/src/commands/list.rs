@@ -29,7 +29,7 @@ pub fn run(ctx: &Context, args: &ListArgs) -> Result<i32, CommandError> {
                 println!(
                     "{:<12}{:<12}{:<12}{:<40}{:<32}{}",
                     s["id"].as_str().unwrap_or_default(),
-                    s["pid"],
+                    s["pid"].to_string(),
                     s["status"].as_str().unwrap_or_default(),
                     s["bundle"].as_str().unwrap_or_default(),
                     s["created"].as_str().unwrap_or_default(),
