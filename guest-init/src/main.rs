@@ -113,6 +113,7 @@ fn run(pid1: bool, args: Args) -> Result<()> {
     };
     if let Some(port) = vsock_port {
         transport::listen_vsock(&agent, port)?;
+        // The runtime waits for this console line before its first vsock CONNECT: keep it.
         log::info!("listening on vsock port {port}");
     }
     if let Some(path) = &args.listen_unix {
