@@ -97,5 +97,8 @@ pub fn setup() -> Result<()> {
         nosuid_nodev_noexec,
         "nsdelegate",
     )?;
+    if let Err(e) = crate::net::loopback_up() {
+        log::warn!("bringing up lo: {}", std::io::Error::from_raw_os_error(e));
+    }
     Ok(())
 }

@@ -14,6 +14,7 @@ mod boot;
 mod cgroup;
 mod container;
 mod logger;
+mod net;
 mod power;
 mod pty;
 mod server;

@@ -68,6 +68,8 @@ pub enum Stage {
     Sysctl,
     /// `sethostname`.
     Hostname,
+    /// Bringing up `lo` in a new network namespace.
+    Loopback,
     /// Joining a namespace of the container (index = namespace).
     Setns,
     /// Cloning the process from the exec helper.
@@ -93,7 +95,7 @@ pub enum Stage {
 impl Stage {
     fn from_u16(v: u16) -> Option<Stage> {
         use Stage::*;
-        const ALL: [Stage; 26] = [
+        const ALL: [Stage; 27] = [
             Sync,
             Signals,
             CgroupNs,
@@ -110,6 +112,7 @@ impl Stage {
             RootReadonly,
             Sysctl,
             Hostname,
+            Loopback,
             Setns,
             Clone,
             Stdio,
@@ -143,6 +146,7 @@ impl Stage {
             Stage::RootReadonly => "remounting root read-only",
             Stage::Sysctl => "writing sysctl",
             Stage::Hostname => "setting hostname",
+            Stage::Loopback => "bringing up lo",
             Stage::Setns => "joining container namespace",
             Stage::Clone => "cloning process",
             Stage::Stdio => "setting up stdio",
@@ -526,6 +530,9 @@ pub fn setup_root(root: &RootPlan) -> Step {
             std::ptr::null(),
         );
         check(rc, Stage::RootReadonly, 0)?;
+    }
+    if root.new_net_ns {
+        crate::net::loopback_up().map_err(|e| fail(Stage::Loopback, 0, e))?;
     }
     if let Some(name) = &root.hostname {
         let bytes = name.as_bytes();

@@ -320,6 +320,8 @@ pub struct RootPlan {
     pub sysctl: Vec<(CString, Vec<u8>)>,
     /// Host name for a new UTS namespace.
     pub hostname: Option<CString>,
+    /// The container has its own network namespace (its `lo` is brought up).
+    pub new_net_ns: bool,
 }
 
 /// Namespaces the container gets.
@@ -726,6 +728,11 @@ impl RootPlan {
             dev_null: cstring("device", "/dev/null")?,
             sysctl,
             hostname,
+            new_net_ns: spec
+                .linux
+                .namespaces
+                .iter()
+                .any(|n| n.kind == NamespaceKind::Network),
         })
     }
 }

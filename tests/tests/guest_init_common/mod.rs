@@ -622,7 +622,7 @@ pub fn case_process_settings(t: &Target) {
                     touch /tmp/x && echo tmp-rw; \
                     wc -c < /proc/version; ls /sys/kernel | wc -l; \
                     echo 1 > /proc/sys/kernel/domainname 2>/dev/null && echo sys-rw || echo sys-ro; \
-                    cat /proc/sys/net/ipv4/ip_forward");
+                    cat /proc/sys/net/ipv4/ip_forward; cat /sys/class/net/lo/flags");
     p.rlimits = vec![kiln_protocol::Rlimit {
         kind: "RLIMIT_NOFILE".into(),
         soft: 77,
@@ -649,7 +649,8 @@ pub fn case_process_settings(t: &Target) {
             "0",
             "0",
             "sys-ro",
-            "1"
+            "1",
+            "0x9"
         ],
         "stderr: {err}"
     );
