@@ -14,168 +14,180 @@
 # The source tree and the kbuild object directory live in <cache>/build/ and are reused across
 # config changes (kbuild rebuilds only what a config change touches).
 set -euo pipefail
+# Everything runs inside main(), which bash parses completely before running it: editing this
+# file while a build is running cannot change what the running build executes.
+main() {
+    # Bump when the recipe (commands below) changes in a way that changes the output.
+    RECIPE_VERSION=1
+    SRC_PKG=linux-source-6.1
+    SRC_TARBALL=/usr/src/linux-source-6.1.tar.xz
+    DEPS=(linux-source-6.1 flex bison bc libelf-dev libssl-dev build-essential)
 
-# Bump when the recipe (commands below) changes in a way that changes the output.
-RECIPE_VERSION=1
-SRC_PKG=linux-source-6.1
-SRC_TARBALL=/usr/src/linux-source-6.1.tar.xz
-DEPS=(linux-source-6.1 flex bison bc libelf-dev libssl-dev build-essential)
+    HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    FRAGMENT="$HERE/kiln.config"
+    CACHE_ROOT="${KILN_KERNEL_CACHE:-/var/cache/kiln/kernel}"
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-FRAGMENT="$HERE/kiln.config"
-CACHE_ROOT="${KILN_KERNEL_CACHE:-/var/cache/kiln/kernel}"
+    print_only=0
+    verbose=0
+    for arg in "$@"; do
+        case "$arg" in
+            --print-path) print_only=1 ;;
+            --verbose) verbose=1 ;;
+            -h|--help) sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            *) echo "build.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+        esac
+    done
 
-print_only=0
-verbose=0
-for arg in "$@"; do
-    case "$arg" in
-        --print-path) print_only=1 ;;
-        --verbose) verbose=1 ;;
-        -h|--help) sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "build.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
-    esac
-done
+    say() { echo "kiln-kernel: $*" >&2; }
+    die() { echo "kiln-kernel: error: $*" >&2; exit 1; }
 
-say() { echo "kiln-kernel: $*" >&2; }
-die() { echo "kiln-kernel: error: $*" >&2; exit 1; }
+    [[ -f "$FRAGMENT" ]] || die "$FRAGMENT: config fragment missing"
 
-[[ -f "$FRAGMENT" ]] || die "$FRAGMENT: config fragment missing"
-
-# --- dependencies ----------------------------------------------------------------------------
-missing=()
-for pkg in "${DEPS[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
-        || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    say "installing ${missing[*]}"
-    [[ $(id -u) -eq 0 ]] || die "need root to apt-get install ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "${missing[@]}" >&2; } \
-        || die "apt-get install ${missing[*]} failed"
-fi
-[[ -f "$SRC_TARBALL" ]] || die "$SRC_TARBALL missing although $SRC_PKG is installed"
-src_version="$(dpkg-query -W -f='${Version}' "$SRC_PKG")"
-
-# --- cache key -------------------------------------------------------------------------------
-shopt -s nullglob
-patches=("$HERE"/patches/*.patch)
-shopt -u nullglob
-hash_inputs() {
-    printf 'recipe=%s\nsource=%s %s\n' "$RECIPE_VERSION" "$SRC_PKG" "$src_version"
-    printf '== kiln.config\n'; cat "$FRAGMENT"
-    local p
-    for p in "${patches[@]}"; do printf '== patch %s\n' "$(basename "$p")"; cat "$p"; done
-}
-key="$(hash_inputs | sha256sum | cut -d' ' -f1)"
-# The source tree and the object directory depend on the source version only; patch sets are
-# switched in place (see below) so that changing a patch recompiles only the files it touches.
-src_key="$(printf 'recipe=%s\nsource=%s\n' "$RECIPE_VERSION" "$src_version" | sha256sum | cut -c1-16)"
-out="$CACHE_ROOT/$key/vmlinux"
-
-finish() {
-    if ((print_only)); then echo "$out"; else say "vmlinux: $out"; echo "$out"; fi
-    exit 0
-}
-[[ -f "$out" ]] && finish
-
-mkdir -p "$CACHE_ROOT" || die "cannot create cache root $CACHE_ROOT"
-exec 9>"$CACHE_ROOT/.lock"
-flock 9
-[[ -f "$out" ]] && finish # someone else built it while we waited
-
-build_root="$CACHE_ROOT/build"
-src="$build_root/src-$src_key"
-obj="$build_root/obj-$src_key"
-log="$build_root/build-$key.log"
-mkdir -p "$build_root"
-: >"$log"
-
-run() { # run a step, logging; show the log tail on failure
-    local what="$1"; shift
-    echo "+ $*" >>"$log"
-    if ((verbose)); then
-        "$@" 2>&1 | tee -a "$log" >&2 || { die "$what failed (log: $log)"; }
-    else
-        "$@" >>"$log" 2>&1 || {
-            echo "kiln-kernel: $what failed; last lines of $log:" >&2
-            tail -n 40 "$log" >&2
-            exit 1
-        }
+    # --- dependencies ----------------------------------------------------------------------------
+    missing=()
+    for pkg in "${DEPS[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        say "installing ${missing[*]}"
+        [[ $(id -u) -eq 0 ]] || die "need root to apt-get install ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "${missing[@]}" >&2; } \
+            || die "apt-get install ${missing[*]} failed"
     fi
-}
+    [[ -f "$SRC_TARBALL" ]] || die "$SRC_TARBALL missing although $SRC_PKG is installed"
+    src_version="$(dpkg-query -W -f='${Version}' "$SRC_PKG")"
 
-start=$(date +%s)
-say "building vmlinux $key (log: $log)"
+    # --- cache key -------------------------------------------------------------------------------
+    shopt -s nullglob
+    patches=("$HERE"/patches/*.patch)
+    shopt -u nullglob
+    hash_inputs() {
+        printf 'recipe=%s\nsource=%s %s\n' "$RECIPE_VERSION" "$SRC_PKG" "$src_version"
+        printf '== kiln.config\n'; cat "$FRAGMENT"
+        local p
+        for p in "${patches[@]}"; do printf '== patch %s\n' "$(basename "$p")"; cat "$p"; done
+    }
+    key="$(hash_inputs | sha256sum | cut -d' ' -f1)"
+    # The source tree and the object directory depend on the source version only; patch sets are
+    # switched in place (see below) so that changing a patch recompiles only the files it touches.
+    src_key="$(printf 'recipe=%s\nsource=%s\n' "$RECIPE_VERSION" "$src_version" \
+        | sha256sum | cut -c1-16)"
+    out="$CACHE_ROOT/$key/vmlinux"
 
-# --- source tree (extracted once per source version) -------------------------------------------
-if [[ ! -f "$src/.kiln-ready" ]]; then
-    # Trees of other source versions are dead weight (1.4 GB each).
-    rm -rf "$build_root"/src-* "$build_root"/obj-*
-    tmp_src="$build_root/.src-tmp"
-    rm -rf "$tmp_src"
-    mkdir -p "$tmp_src/.kiln-patches"
-    run "extracting $SRC_TARBALL" tar -xf "$SRC_TARBALL" -C "$tmp_src" --strip-components=1
-    touch "$tmp_src/.kiln-ready"
-    mv "$tmp_src" "$src"
-fi
+    finish() {
+        if ((print_only)); then echo "$out"; else say "vmlinux: $out"; echo "$out"; fi
+        exit 0
+    }
+    [[ -f "$out" ]] && finish
 
-# --- patches: the tree keeps copies of what is applied in .kiln-patches/ ------------------------
-mkdir -p "$src/.kiln-patches"
-patch_set_hash() { # hash of the named patch files, by base name and content
-    local p
-    for p in "$@"; do printf '== %s\n' "$(basename "$p")"; cat "$p"; done | sha256sum
-}
-shopt -s nullglob
-applied=("$src"/.kiln-patches/*.patch)
-shopt -u nullglob
-if [[ "$(patch_set_hash "${applied[@]}")" != "$(patch_set_hash "${patches[@]}")" ]]; then
-    for ((i = ${#applied[@]} - 1; i >= 0; i--)); do
-        if ! patch -d "$src" -p1 -R --batch --silent -i "${applied[i]}" >>"$log" 2>&1; then
-            # The tree is in an unknown state: start again from the tarball.
-            say "cannot revert $(basename "${applied[i]}"); re-extracting the source"
-            rm -rf "$src" "$obj"
-            exec "${BASH_SOURCE[0]}" "$@"
+    mkdir -p "$CACHE_ROOT" || die "cannot create cache root $CACHE_ROOT"
+    exec 9>"$CACHE_ROOT/.lock"
+    flock 9
+    [[ -f "$out" ]] && finish # someone else built it while we waited
+
+    rm -rf "$CACHE_ROOT"/.tmp-* # left by a build that died while publishing (we hold the lock)
+    build_root="$CACHE_ROOT/build"
+    src="$build_root/src-$src_key"
+    obj="$build_root/obj-$src_key"
+    log="$build_root/build-$key.log"
+    mkdir -p "$build_root"
+    : >"$log"
+
+    run() { # run a step, logging; show the log tail on failure
+        local what="$1"; shift
+        echo "+ $*" >>"$log"
+        if ((verbose)); then
+            "$@" 2>&1 | tee -a "$log" >&2 || { die "$what failed (log: $log)"; }
+        else
+            "$@" >>"$log" 2>&1 || {
+                echo "kiln-kernel: $what failed; last lines of $log:" >&2
+                tail -n 40 "$log" >&2
+                exit 1
+            }
         fi
-        rm -f "${applied[i]}"
-    done
-    for p in "${patches[@]}"; do
-        run "checking $(basename "$p")" patch -d "$src" -p1 --forward --batch --dry-run -i "$p"
-        run "applying $(basename "$p")" patch -d "$src" -p1 --forward --batch -i "$p"
-        cp "$p" "$src/.kiln-patches/"
-    done
-fi
+    }
 
-# --- configuration: tinyconfig + fragment + olddefconfig, then verify -------------------------
-mkdir -p "$obj"
-kmake() { make -C "$src" O="$obj" ARCH=x86_64 "$@"; }
-run "make tinyconfig" kmake tinyconfig
-run "merging kiln.config" "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "$FRAGMENT"
-run "make olddefconfig" kmake olddefconfig
+    start=$(date +%s)
+    say "building vmlinux $key (log: $log)"
 
-bad=()
-while IFS= read -r line; do
-    if [[ "$line" =~ ^(CONFIG_[A-Za-z0-9_]+)=(.*)$ ]]; then
-        grep -qxF "$line" "$obj/.config" || bad+=("$line (got: $(grep -E "^(# )?${BASH_REMATCH[1]}[= ]" "$obj/.config" || echo unset))")
-    elif [[ "$line" =~ ^#\ (CONFIG_[A-Za-z0-9_]+)\ is\ not\ set$ ]]; then
-        ! grep -qE "^${BASH_REMATCH[1]}=" "$obj/.config" || bad+=("$line (got: $(grep -E "^${BASH_REMATCH[1]}=" "$obj/.config"))")
+    # --- source tree (extracted once per source version) -----------------------------------------
+    if [[ ! -f "$src/.kiln-ready" ]]; then
+        # Trees of other source versions are dead weight (1.4 GB each).
+        rm -rf "$build_root"/src-* "$build_root"/obj-*
+        tmp_src="$build_root/.src-tmp"
+        rm -rf "$tmp_src"
+        mkdir -p "$tmp_src/.kiln-patches"
+        run "extracting $SRC_TARBALL" tar -xf "$SRC_TARBALL" -C "$tmp_src" --strip-components=1
+        touch "$tmp_src/.kiln-ready"
+        mv "$tmp_src" "$src"
     fi
-done <"$FRAGMENT"
-if ((${#bad[@]})); then
-    echo "kiln-kernel: error: these kiln.config options did not survive olddefconfig:" >&2
-    printf '  %s\n' "${bad[@]}" >&2
-    exit 1
-fi
 
-# --- build and publish -----------------------------------------------------------------------
-run "make vmlinux" kmake -j"$(nproc)" vmlinux
-tmp_out="$(mktemp -d "$CACHE_ROOT/.tmp-$key.XXXXXX")"
-chmod 755 "$tmp_out"
-cp "$obj/vmlinux" "$tmp_out/vmlinux"
-cp "$obj/.config" "$tmp_out/config"
-cp "$log" "$tmp_out/build.log"
-rm -rf "$CACHE_ROOT/$key" # a partial directory without vmlinux can only come from a crash
-mv -T "$tmp_out" "$CACHE_ROOT/$key"
-say "built in $(( $(date +%s) - start )) s, $(stat -c %s "$out") bytes"
-finish
+    # --- patches: the tree keeps copies of what is applied in .kiln-patches/ ---------------------
+    mkdir -p "$src/.kiln-patches"
+    patch_set_hash() { # hash of the named patch files, by base name and content
+        local p
+        for p in "$@"; do printf '== %s\n' "$(basename "$p")"; cat "$p"; done | sha256sum
+    }
+    shopt -s nullglob
+    applied=("$src"/.kiln-patches/*.patch)
+    shopt -u nullglob
+    if [[ "$(patch_set_hash "${applied[@]}")" != "$(patch_set_hash "${patches[@]}")" ]]; then
+        for ((i = ${#applied[@]} - 1; i >= 0; i--)); do
+            if ! patch -d "$src" -p1 -R --batch --silent -i "${applied[i]}" >>"$log" 2>&1; then
+                # The tree is in an unknown state: start again from the tarball.
+                say "cannot revert $(basename "${applied[i]}"); re-extracting the source"
+                rm -rf "$src" "$obj"
+                exec "${BASH_SOURCE[0]}" "$@"
+            fi
+            rm -f "${applied[i]}"
+        done
+        for p in "${patches[@]}"; do
+            run "checking $(basename "$p")" patch -d "$src" -p1 --forward --batch --dry-run -i "$p"
+            run "applying $(basename "$p")" patch -d "$src" -p1 --forward --batch -i "$p"
+            cp "$p" "$src/.kiln-patches/"
+        done
+    fi
+
+    # --- configuration: tinyconfig + fragment + olddefconfig, then verify ------------------------
+    mkdir -p "$obj"
+    kmake() { make -C "$src" O="$obj" ARCH=x86_64 "$@"; }
+    run "make tinyconfig" kmake tinyconfig
+    run "merging kiln.config" \
+        "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "$FRAGMENT"
+    run "make olddefconfig" kmake olddefconfig
+
+    bad=()
+    while IFS= read -r line; do
+        if [[ "$line" =~ ^(CONFIG_[A-Za-z0-9_]+)=(.*)$ ]]; then
+            sym="${BASH_REMATCH[1]}"
+            grep -qxF "$line" "$obj/.config" \
+                || bad+=("$line (got: $(grep -E "^(# )?$sym[= ]" "$obj/.config" || echo unset))")
+        elif [[ "$line" =~ ^#\ (CONFIG_[A-Za-z0-9_]+)\ is\ not\ set$ ]]; then
+            sym="${BASH_REMATCH[1]}"
+            ! grep -qE "^$sym=" "$obj/.config" \
+                || bad+=("$line (got: $(grep -E "^$sym=" "$obj/.config"))")
+        fi
+    done <"$FRAGMENT"
+    if ((${#bad[@]})); then
+        echo "kiln-kernel: error: these kiln.config options did not survive olddefconfig:" >&2
+        printf '  %s\n' "${bad[@]}" >&2
+        exit 1
+    fi
+
+    # --- build and publish -----------------------------------------------------------------------
+    run "make vmlinux" kmake -j"$(nproc)" vmlinux
+    tmp_out="$(mktemp -d "$CACHE_ROOT/.tmp-$key.XXXXXX")"
+    chmod 755 "$tmp_out"
+    cp "$obj/vmlinux" "$tmp_out/vmlinux"
+    cp "$obj/.config" "$tmp_out/config"
+    cp "$log" "$tmp_out/build.log"
+    rm -rf "$CACHE_ROOT/$key" # a partial directory without vmlinux can only come from a crash
+    mv -T "$tmp_out" "$CACHE_ROOT/$key"
+    say "built in $(( $(date +%s) - start )) s, $(stat -c %s "$out") bytes"
+    finish
+}
+
+main "$@"
