@@ -1,8 +1,8 @@
 //! Command-line interface of the `host-vmm` binary (clap), turned into a [`VmConfig`].
 //!
 //! Parsing is here rather than in `main.rs` so it is unit-tested. Range and file checks live in
-//! [`VmConfig::validate`] so library users get them too. Issue 3 will add a trailing
-//! `-- CMD...`; it is not accepted yet.
+//! [`VmConfig::validate`] so library users get them too. A trailing `-- CMD...` selects the
+//! run mode (module `run`): boot guest-init from the rootfs and run CMD in it.
 
 use std::path::PathBuf;
 
@@ -55,9 +55,9 @@ pub struct Cli {
     /// Open the rootfs read-only and mount it `ro`.
     #[arg(long)]
     pub read_only: bool,
-    /// Guest console on stdout.
-    #[arg(long, value_enum, default_value_t = ConsoleArg::On)]
-    pub console: ConsoleArg,
+    /// Guest console on stdout (default on; with `-- CMD` default off, and on means stderr).
+    #[arg(long, value_enum)]
+    pub console: Option<ConsoleArg>,
     /// Boot protocol.
     #[arg(long, value_enum, default_value_t = BootProtocolArg::Auto)]
     pub boot_protocol: BootProtocolArg,
@@ -87,6 +87,10 @@ pub struct Cli {
     /// More logging on stderr (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Run this command in the guest (guest-init as PID 1 from the rootfs, stdio relayed,
+    /// exit status returned) instead of just booting.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 impl Cli {
@@ -99,7 +103,7 @@ impl Cli {
             mem_mib: self.mem_mib,
             vcpus: self.vcpus,
             extra_cmdline: self.cmdline.clone(),
-            console: self.console == ConsoleArg::On,
+            console: self.console.unwrap_or(ConsoleArg::On) == ConsoleArg::On,
             boot_protocol: match self.boot_protocol {
                 BootProtocolArg::Auto => BootProtocolChoice::Auto,
                 BootProtocolArg::Pvh => BootProtocolChoice::Pvh,

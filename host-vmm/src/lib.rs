@@ -12,5 +12,6 @@ pub mod jail;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod run;
 pub mod seccomp;
 pub mod vmm;

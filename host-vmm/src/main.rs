@@ -1,5 +1,6 @@
 //! host-vmm binary: parse the CLI, run the VM, map the outcome to the exit status
-//! (0 clean guest shutdown, 1 host-side or user error, 2 guest crash).
+//! (0 clean guest shutdown, 1 host-side or user error, 2 guest crash). With `-- CMD` the
+//! command's status instead (module `run`).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -56,6 +57,9 @@ fn main() -> ExitCode {
         })
         .init();
 
+    if !cli.command.is_empty() {
+        return ExitCode::from(host_vmm::run::run_command(&cli, start));
+    }
     let mut config = cli.vm_config();
     if let Some(jail) = cli.jail_config() {
         // User errors name the host path before anything is created.

@@ -248,10 +248,30 @@ fn stop_vcpus(exit: &ExitHandle, handles: Vec<JoinHandle<()>>) {
     }
 }
 
+/// What a caller driving the VM from another thread (`host-vmm -- CMD`, module `run`) changes
+/// in [`run_vm_with`]. The default changes nothing.
+#[derive(Default)]
+pub struct VmHooks {
+    /// Console sink replacing the one `config.console` selects. When set, stdin is never
+    /// forwarded to the guest console (it belongs to the caller).
+    pub console: Option<ConsoleOutput>,
+    /// Receives the VM's [`ExitHandle`] as soon as it exists, so the caller can stop the VM.
+    pub exit_handle: Option<std::sync::mpsc::Sender<ExitHandle>>,
+}
+
 /// Builds and runs the VM described by `config`. `start` is the process start, the zero of
 /// the boot-timer log line. Returns how the guest ended; `Err` only for host-side failures
 /// before the guest ran.
 pub fn run_vm(config: &VmConfig, start: Instant) -> Result<VmOutcome, VmmError> {
+    run_vm_with(config, start, VmHooks::default())
+}
+
+/// [`run_vm`] with [`VmHooks`].
+pub fn run_vm_with(
+    config: &VmConfig,
+    start: Instant,
+    hooks: VmHooks,
+) -> Result<VmOutcome, VmmError> {
     let mark = |what: &str| {
         let t = start.elapsed();
         log::debug!(
@@ -277,14 +297,19 @@ pub fn run_vm(config: &VmConfig, start: Instant) -> Result<VmOutcome, VmmError> 
     );
 
     let exit = ExitHandle::new(usize::from(vcpus)).map_err(|e| VmmError::Io("exit eventfd", e))?;
+    if let Some(tx) = &hooks.exit_handle {
+        // The receiver may be gone already; the VM then simply runs to its own end.
+        let _ = tx.send(exit.clone());
+    }
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Io("serial eventfd", e))?;
     vm.register_irqfd(&serial_evt, SERIAL_IRQ)?;
-    let output = if config.console {
-        ConsoleOutput::stdout()
-    } else {
-        ConsoleOutput::Sink
+    let console_input = config.console && hooks.console.is_none();
+    let output = match hooks.console {
+        Some(output) => output,
+        None if config.console => ConsoleOutput::stdout(),
+        None => ConsoleOutput::Sink,
     };
     let serial = Arc::new(Mutex::new(SerialConsole::new(serial_evt, output)));
     pio.insert(serial.clone(), SERIAL_PORT, SERIAL_PORT_LEN)?;
@@ -352,7 +377,7 @@ pub fn run_vm(config: &VmConfig, start: Instant) -> Result<VmOutcome, VmmError> 
     let filter_ctx = FilterContext::current();
     let vcpu_filter = ThreadFilter::compile(ThreadKind::Vcpu, config.seccomp, &filter_ctx)?;
     let vmm_filter = ThreadFilter::compile(ThreadKind::Vmm, config.seccomp, &filter_ctx)?;
-    let mut event_loop = EventLoop::new(exit.clone(), serial.clone(), virtio, config.console)
+    let mut event_loop = EventLoop::new(exit.clone(), serial.clone(), virtio, console_input)
         .map_err(|e| VmmError::Io("event loop", e))?;
 
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));

@@ -37,6 +37,35 @@ pub enum ConsoleOutput {
     Sink,
     /// Kept in memory (tests).
     Capture(Vec<u8>),
+    /// Buffered to the process's stderr (`host-vmm --console on -- CMD`: stdout is the
+    /// command's).
+    Stderr(Vec<u8>),
+    /// Only the last bytes kept, for an error message (`host-vmm -- CMD` without a console).
+    Tail(ConsoleTail),
+}
+
+/// The last [`ConsoleTail::CAPACITY`] bytes of console output, shared with whoever reports a
+/// failed boot. Bounded: the guest cannot make the host hold more.
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleTail(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<u8>>>);
+
+impl ConsoleTail {
+    /// Bytes kept.
+    pub const CAPACITY: usize = 16 * 1024;
+
+    fn push(&self, data: &[u8]) {
+        let mut buf = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let data = &data[data.len().saturating_sub(Self::CAPACITY)..];
+        let excess = (buf.len() + data.len()).saturating_sub(Self::CAPACITY);
+        buf.drain(..excess);
+        buf.extend(data);
+    }
+
+    /// The kept bytes, oldest first.
+    pub fn contents(&self) -> Vec<u8> {
+        let buf = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        buf.iter().copied().collect()
+    }
 }
 
 impl ConsoleOutput {
@@ -48,12 +77,18 @@ impl ConsoleOutput {
     /// Writes buffered bytes to stdout. Errors (a closed stdout) drop the output: the guest
     /// must not stall because nobody reads its console.
     pub fn flush_now(&mut self) {
-        if let ConsoleOutput::Stdout(buf) = self {
-            if !buf.is_empty() {
+        match self {
+            ConsoleOutput::Stdout(buf) if !buf.is_empty() => {
                 let mut out = io::stdout().lock();
                 let _ = out.write_all(buf).and_then(|()| out.flush());
                 buf.clear();
             }
+            ConsoleOutput::Stderr(buf) if !buf.is_empty() => {
+                let mut out = io::stderr().lock();
+                let _ = out.write_all(buf).and_then(|()| out.flush());
+                buf.clear();
+            }
+            _ => {}
         }
     }
 }
@@ -61,13 +96,14 @@ impl ConsoleOutput {
 impl Write for ConsoleOutput {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         match self {
-            ConsoleOutput::Stdout(buf) => {
+            ConsoleOutput::Stdout(buf) | ConsoleOutput::Stderr(buf) => {
                 buf.extend_from_slice(data);
                 if buf.len() >= OUTPUT_BUFFER || data.contains(&b'\n') {
                     self.flush_now();
                 }
             }
             ConsoleOutput::Capture(buf) => buf.extend_from_slice(data),
+            ConsoleOutput::Tail(tail) => tail.push(data),
             ConsoleOutput::Sink => {}
         }
         Ok(data.len())

@@ -4,6 +4,8 @@
 //! - [`ThreadKind::Vmm`]: the main thread once every vCPU thread is started, i.e. before the
 //!   event loop serves the first guest-triggered event.
 //! - [`ThreadKind::Monitor`]: the jail's outer process, which only waits for the jailed VMM.
+//! - [`ThreadKind::Client`]: with `host-vmm -- CMD`, the main thread talking to the agent while
+//!   the VM runs on a thread of its own (and the relay threads it starts).
 //!
 //! Every filter's default action is kill-process (`--seccomp kill`, the default) or a trap whose
 //! SIGSYS handler names the call on stderr and makes it fail with `ENOSYS` (`--seccomp log`, for
@@ -14,6 +16,7 @@
 //! This module owns no policy about *when* a thread is far enough in its set-up; the callers
 //! (`kvm::vcpu`, `vmm`, `jail`) decide that.
 
+pub mod client;
 pub mod monitor;
 pub mod names;
 pub mod rule;
@@ -51,6 +54,8 @@ pub enum ThreadKind {
     Vmm,
     /// The jail's outer process (waits for the jailed VMM, forwards stop signals).
     Monitor,
+    /// The agent client of `host-vmm -- CMD` (module `run`).
+    Client,
 }
 
 impl ThreadKind {
@@ -60,6 +65,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Vmm => "vmm",
             ThreadKind::Monitor => "monitor",
+            ThreadKind::Client => "client",
         }
     }
 }
@@ -109,6 +115,7 @@ pub fn allowed(kind: ThreadKind, ctx: &FilterContext) -> Result<Vec<Allowed>, Se
         ThreadKind::Vcpu => vcpu::allowed(ctx),
         ThreadKind::Vmm => vmm::allowed(ctx),
         ThreadKind::Monitor => monitor::allowed(ctx.child_pid.ok_or(SeccompError::NoChild)?),
+        ThreadKind::Client => client::allowed(),
     })
 }
 

@@ -1,0 +1,548 @@
+//! `host-vmm -- CMD` (issue 3 item 4).
+//!
+//! - Relay tests (no KVM): host-vmm's run session (`host_vmm::run::session`: the default spec,
+//!   CreateContainer, stdio attach, start, byte relay, signal forwarding, wait) against guest-init
+//!   running as a host process (PID 1 of fresh pid and mount namespaces, listening on a unix
+//!   socket, `--root` standing for the image with a busybox container at `/rootfs`). One of them
+//!   runs in a re-executed copy of this test binary under the client seccomp filter in kill mode.
+//! - End to end: the `host-vmm` binary booting kiln's kernel with guest-init as PID 1 from a
+//!   rootfs-builder image. Only where this host's KVM runs Linux userspace: on PVM
+//!   (`/sys/module/kvm_pvm`) it says so and checks nothing (see docs: design.md, PVM section).
+//! - CLI errors of the run mode (no KVM).
+//!
+//! Needs root for the relay tests (namespaces, mounts).
+
+mod guest_init_common;
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_init_common as common;
+use host_vmm::run::session::{
+    self, Control, ControlChannel, HostStdio, SessionEnd, UnixAgent, CONTAINER_ID,
+};
+use host_vmm::run::spec::command_spec;
+use kiln_protocol::{AgentClient, ExitStatus};
+use kiln_tests::guests::{host_vmm, run_with_timeout, TempDir};
+use sha2::{Digest, Sha256};
+
+/// guest-init as a host process.
+struct HostAgent {
+    child: Child,
+    dir: TempDir,
+    socket: PathBuf,
+    cgroup_base: PathBuf,
+}
+
+impl HostAgent {
+    fn start(tag: &str) -> HostAgent {
+        let dir = TempDir::new(&format!("run-{tag}"));
+        common::make_busybox_root(&dir.path().join("rootfs"));
+        let socket = dir.path().join("agent.sock");
+        // A cgroup base of its own: the container id is the same in every test.
+        let cgroup_base = PathBuf::from(format!(
+            "/sys/fs/cgroup/kiln-test-run-{}-{tag}",
+            std::process::id()
+        ));
+        let log = File::create(dir.path().join("agent.log")).unwrap();
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--pid", "--mount", "--fork", "--mount-proc", "--kill-child"])
+            .arg(common::guest_init_bin())
+            .arg("--root")
+            .arg(dir.path())
+            .arg("--listen-unix")
+            .arg(&socket)
+            .arg("--cgroup-base")
+            .arg(&cgroup_base)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: the pre-exec hook only calls prctl (async-signal-safe): the agent dies with
+        // this test even if Drop does not run.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawning unshare + guest-init");
+        let agent = HostAgent {
+            child,
+            dir,
+            socket,
+            cgroup_base,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&agent.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "agent not listening:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn connector(&self) -> UnixAgent {
+        UnixAgent {
+            path: self.socket.clone(),
+        }
+    }
+
+    fn client(&self) -> Arc<AgentClient> {
+        let s = UnixStream::connect(&self.socket).expect("connecting to the agent");
+        Arc::new(AgentClient::connect(s, "vmm-run-test").expect("handshake"))
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The processes died with the pid namespace; their cgroups empty shortly after.
+        for _ in 0..100 {
+            if let Ok(rd) = std::fs::read_dir(&self.cgroup_base) {
+                for e in rd.flatten().filter(|e| e.path().is_dir()) {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+            if std::fs::remove_dir(&self.cgroup_base).is_ok() || !self.cgroup_base.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if std::thread::panicking() {
+            eprintln!("---- agent log ----\n{}", self.log());
+        }
+    }
+}
+
+/// What one run produced.
+struct Ran {
+    end: SessionEnd,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+impl Ran {
+    fn code(&self) -> i32 {
+        match &self.end {
+            SessionEnd::Exited(status) => status.shell_code(),
+            other => panic!("process did not exit: {other:?}"),
+        }
+    }
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    fn err(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// Runs `args` through host-vmm's session on `agent` with `input` as stdin; `controls` are sent
+/// on the session's channel after the given delays. Removes the container afterwards.
+fn run_on(
+    agent: &HostAgent,
+    client: &Arc<AgentClient>,
+    args: &[&str],
+    input: &[u8],
+    controls: Vec<(Duration, Control)>,
+) -> Ran {
+    let scratch = TempDir::new("run-io");
+    let (inp, out, err) = (
+        scratch.path().join("in"),
+        scratch.path().join("out"),
+        scratch.path().join("err"),
+    );
+    std::fs::write(&inp, input).unwrap();
+    let stdio = HostStdio {
+        stdin: File::open(&inp).unwrap(),
+        stdout: File::create(&out).unwrap(),
+        stderr: File::create(&err).unwrap(),
+        terminal: false,
+    };
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let channel = ControlChannel::new();
+    let tx = channel.sender();
+    std::thread::spawn(move || {
+        for (delay, control) in controls {
+            std::thread::sleep(delay);
+            if tx.send(control).is_err() {
+                return;
+            }
+        }
+    });
+    let end = session::run(
+        client,
+        &agent.connector(),
+        command_spec(&args, None),
+        stdio,
+        channel,
+    )
+    .unwrap_or_else(|e| panic!("session: {}", kiln_protocol::error_chain(&e)));
+    if !matches!(end, SessionEnd::Exited(_)) {
+        // Still running (the session was cut short): kill it and wait, so the id is free.
+        let _ = client.signal(CONTAINER_ID, "", libc::SIGKILL);
+        let status = client
+            .wait(CONTAINER_ID, "")
+            .expect("waiting for the killed process");
+        assert_eq!(status, ExitStatus::Signaled(libc::SIGKILL));
+    }
+    // Right after the exit the agent may fail to remove the cgroup (still busy) yet forget
+    // the container (NotFound afterwards): either way the id is free again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match client.remove(CONTAINER_ID, true) {
+            Ok(()) => break,
+            Err(kiln_protocol::ClientError::Agent(e))
+                if e.kind == kiln_protocol::ErrorKind::NotFound =>
+            {
+                break
+            }
+            Err(e) => assert!(Instant::now() < deadline, "removing the container: {e:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ran {
+        end,
+        stdout: std::fs::read(&out).unwrap(),
+        stderr: std::fs::read(&err).unwrap(),
+    }
+}
+
+fn sh(script: &str) -> Vec<&str> {
+    vec!["/bin/sh", "-c", script]
+}
+
+#[test]
+fn relay_exit_codes_and_stdout_stderr_apart() {
+    let agent = HostAgent::start("codes");
+    let c = agent.client();
+    let r = run_on(&agent, &c, &sh("echo hi; exit 3"), b"", vec![]);
+    assert_eq!(
+        (r.code(), r.out(), r.err()),
+        (3, "hi\n".into(), String::new())
+    );
+    for code in [0, 1] {
+        let r = run_on(&agent, &c, &sh(&format!("exit {code}")), b"", vec![]);
+        assert_eq!(r.code(), code);
+    }
+    let r = run_on(
+        &agent,
+        &c,
+        &sh("echo out; echo err >&2; kill -9 $$"),
+        b"",
+        vec![],
+    );
+    assert_eq!(r.end, SessionEnd::Exited(ExitStatus::Signaled(9)));
+    assert_eq!(
+        (r.code(), r.out(), r.err()),
+        (137, "out\n".into(), "err\n".into())
+    );
+    // The default spec: PATH, cwd, uid, hostname.
+    let r = run_on(
+        &agent,
+        &c,
+        &sh("echo $PATH; pwd; id -u; hostname"),
+        b"",
+        vec![],
+    );
+    assert_eq!(
+        r.out(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n/\n0\nkiln\n"
+    );
+    // A command that cannot be started is the agent's error, not a hang.
+    let e = session::run(
+        &c,
+        &agent.connector(),
+        command_spec(&["/no/such/binary".to_string()], None),
+        HostStdio {
+            stdin: File::open("/dev/null").unwrap(),
+            stdout: File::create("/dev/null").unwrap(),
+            stderr: File::create("/dev/null").unwrap(),
+            terminal: false,
+        },
+        ControlChannel::new(),
+    );
+    match e {
+        Err(e) => eprintln!("missing binary: {}", kiln_protocol::error_chain(&e)),
+        Ok(end) => assert_eq!(end, SessionEnd::Exited(ExitStatus::Exited(127)), "{end:?}"),
+    }
+}
+
+#[test]
+fn relay_stdin_piped_through_with_eof() {
+    let agent = HostAgent::start("stdin");
+    let c = agent.client();
+    let input: Vec<u8> = (0..(4u32 << 20)).map(|i| (i * 7 + i / 251) as u8).collect();
+    let t = Instant::now();
+    let r = run_on(&agent, &c, &["cat"], &input, vec![]);
+    let took = t.elapsed();
+    assert_eq!(r.code(), 0, "stderr: {}", r.err());
+    assert_eq!(r.stdout.len(), input.len());
+    assert_eq!(Sha256::digest(&r.stdout), Sha256::digest(&input));
+    eprintln!("4 MiB through stdin and stdout: {took:?}");
+    // EOF reaches the process: wc counts and exits.
+    let r = run_on(&agent, &c, &sh("wc -c; echo done >&2"), b"12345", vec![]);
+    assert_eq!((r.out().trim(), r.err()), ("5", "done\n".into()));
+    // Empty stdin.
+    let r = run_on(&agent, &c, &sh("cat; exit 4"), b"", vec![]);
+    assert_eq!((r.code(), r.out()), (4, String::new()));
+}
+
+#[test]
+fn relay_signals_forwarded_then_second_one_interrupts() {
+    let agent = HostAgent::start("signals");
+    let c = agent.client();
+    // The first SIGTERM goes to the process.
+    let r = run_on(
+        &agent,
+        &c,
+        &["sleep", "100"],
+        b"",
+        vec![(Duration::from_millis(300), Control::Signal(libc::SIGTERM))],
+    );
+    assert_eq!(r.code(), 128 + libc::SIGTERM);
+    let r = run_on(
+        &agent,
+        &c,
+        &sh("trap 'echo got INT; exit 5' INT; echo ready; while :; do sleep 0.05; done"),
+        b"",
+        vec![(Duration::from_millis(500), Control::Signal(libc::SIGINT))],
+    );
+    assert_eq!((r.code(), r.out()), (5, "ready\ngot INT\n".into()));
+    // A process that ignores it: the second signal ends the session.
+    let t = Instant::now();
+    let r = run_on(
+        &agent,
+        &c,
+        &sh("trap '' TERM; exec sleep 100"),
+        b"",
+        vec![
+            (Duration::from_millis(300), Control::Signal(libc::SIGTERM)),
+            (Duration::from_millis(300), Control::Signal(libc::SIGTERM)),
+        ],
+    );
+    assert_eq!(r.end, SessionEnd::Interrupted(libc::SIGTERM));
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // The VM stopping ends the session too.
+    let r = run_on(
+        &agent,
+        &c,
+        &["sleep", "100"],
+        b"",
+        vec![(
+            Duration::from_millis(200),
+            Control::VmStopped("test".into()),
+        )],
+    );
+    assert_eq!(r.end, SessionEnd::VmStopped("test".into()));
+}
+
+/// Set in the re-executed child of [`relay_under_client_seccomp_filter`].
+const SECCOMP_CHILD_ENV: &str = "KILN_VMM_RUN_SECCOMP_CHILD";
+
+/// The session under the client seccomp filter in kill mode: a call missing from the list kills
+/// the process with SIGSYS. Runs in a copy of this test binary (the filter would otherwise
+/// stay on a test-harness thread); the child runs `seccomp_child` below.
+#[test]
+fn relay_under_client_seccomp_filter() {
+    let agent = HostAgent::start("seccomp");
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "--exact",
+        "seccomp_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(SECCOMP_CHILD_ENV, &agent.socket);
+    let out = run_with_timeout(cmd, Duration::from_secs(60)).unwrap();
+    assert!(
+        out.code() == Some(0)
+            && !out.stderr.contains("blocked syscall")
+            && out.stdout.contains("SECCOMP-CHILD-OK"),
+        "child under the client filter failed (SIGSYS = a call missing from \
+         host-vmm/src/seccomp/client.rs)\n{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn seccomp_child() {
+    let Some(socket) = std::env::var_os(SECCOMP_CHILD_ENV) else {
+        return; // only meaningful when started by relay_under_client_seccomp_filter
+    };
+    use host_vmm::seccomp::{FilterContext, SeccompMode, ThreadFilter, ThreadKind};
+    // KILN_VMM_RUN_SECCOMP_LOG=1 names a missing call instead of killing (diagnosis).
+    let mode = if std::env::var_os("KILN_VMM_RUN_SECCOMP_LOG").is_some() {
+        SeccompMode::Log
+    } else {
+        SeccompMode::Kill
+    };
+    let filter =
+        ThreadFilter::compile(ThreadKind::Client, mode, &FilterContext::current()).unwrap();
+    let dir = TempDir::new("run-seccomp-io");
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    std::fs::write(dir.path().join("in"), b"from stdin\n").unwrap();
+    let stdio = HostStdio {
+        stdin: File::open(dir.path().join("in")).unwrap(),
+        stdout: File::create(&out).unwrap(),
+        stderr: File::create(&err).unwrap(),
+        terminal: false,
+    };
+    // The filter goes on a thread of its own so the test harness (which reads files and
+    // prints) stays unfiltered; everything on it runs as host-vmm's main thread does after
+    // the VM thread is started.
+    let end = std::thread::spawn(move || {
+        filter.apply().expect("installing the client filter");
+        let channel = ControlChannel::new();
+        let tx = channel.sender();
+        let conn = UnixAgent {
+            path: PathBuf::from(socket),
+        };
+        let client = {
+            use host_vmm::run::session::AgentConnector;
+            Arc::new(AgentClient::connect(conn.connect().unwrap(), "seccomp").unwrap())
+        };
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = tx.send(Control::WindowChanged);
+        });
+        let args: Vec<String> = sh("cat; echo to-stderr >&2; sleep 0.5; exit 6")
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let end = session::run(&client, &conn, command_spec(&args, None), stdio, channel);
+        client
+            .call_timeout(kiln_protocol::Request::Health, Duration::from_secs(5))
+            .unwrap();
+        drop(client);
+        end.map_err(|e| kiln_protocol::error_chain(&e))
+    })
+    .join()
+    .expect("session thread");
+    assert_eq!(end, Ok(SessionEnd::Exited(ExitStatus::Exited(6))));
+    assert_eq!(std::fs::read(&out).unwrap(), b"from stdin\n");
+    assert_eq!(std::fs::read(&err).unwrap(), b"to-stderr\n");
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "SECCOMP-CHILD-OK").unwrap();
+}
+
+fn kvm_runs_linux_userspace() -> Result<(), String> {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Err(
+            "/dev/kvm is PVM (/sys/module/kvm_pvm): Linux userspace does not run under \
+                    host-vmm here yet"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn end_to_end_host_vmm_runs_a_command() {
+    if let Err(why) = kvm_runs_linux_userspace() {
+        eprintln!(
+            "\n!!! vmm_run end_to_end_host_vmm_runs_a_command: NOT RUN: {why}. Only the relay \
+             tests (guest-init as a host process) checked `host-vmm --` here.\n"
+        );
+        return;
+    }
+    if !kiln_tests::require_kvm("end_to_end_host_vmm_runs_a_command") {
+        return;
+    }
+    let dir = TempDir::new("run-e2e");
+    let image = kiln_tests::e2e::busybox_agent_image(dir.path()).expect("agent image");
+    let kernel = kiln_tests::kernel::vmlinux();
+    let run = |args: &[&str], stdin: Option<&[u8]>| {
+        let mut cmd = Command::new(host_vmm());
+        cmd.arg("--kernel")
+            .arg(&kernel)
+            .arg("--rootfs")
+            .arg(&image)
+            .args(["--mem-mib", "256", "--"])
+            .args(args);
+        match stdin {
+            None => run_with_timeout(cmd, Duration::from_secs(120)).unwrap(),
+            Some(input) => {
+                let input_path = dir.path().join("stdin");
+                std::fs::write(&input_path, input).unwrap();
+                cmd.stdin(File::open(&input_path).unwrap())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let out = cmd.output().unwrap();
+                kiln_tests::guests::VmOutput {
+                    status: Some(out.status),
+                    stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                    elapsed: Duration::ZERO,
+                }
+            }
+        }
+    };
+    let out = run(&sh("echo hi; exit 3"), None);
+    assert_eq!(
+        (out.code(), out.stdout.as_str()),
+        (Some(3), "hi\n"),
+        "{}",
+        out.describe()
+    );
+    eprintln!("host-vmm -- sh -c 'echo hi; exit 3': {:?}", out.elapsed);
+    for (script, code) in [("exit 0", 0), ("exit 1", 1), ("kill -9 $$", 137)] {
+        let out = run(&sh(script), None);
+        assert_eq!(out.code(), Some(code), "{script}\n{}", out.describe());
+    }
+    let out = run(&sh("echo out; echo err >&2"), None);
+    assert_eq!(
+        (out.stdout.as_str(), out.stderr.as_str()),
+        ("out\n", "err\n")
+    );
+    let out = run(&["wc", "-c"], Some(b"0123456789"));
+    assert_eq!(out.stdout.trim(), "10", "{}", out.describe());
+}
+
+#[test]
+fn cli_errors_of_the_run_mode() {
+    let dir = TempDir::new("run-cli");
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (&["--", "true"], "needs --rootfs"),
+        (
+            &["--jail", "/nonexistent", "--rootfs", "/x", "--", "true"],
+            "--jail",
+        ),
+        (
+            &["--rootfs", "/nonexistent/img", "--", "true"],
+            "rootfs /nonexistent/img",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut cmd = Command::new(host_vmm());
+        cmd.arg("--kernel").arg(&kernel).args(args);
+        let out = run_with_timeout(cmd, Duration::from_secs(30)).unwrap();
+        let lines: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(out.code(), Some(1), "{args:?}\n{}", out.describe());
+        assert_eq!(lines.len(), 1, "{args:?}: one line\n{}", out.describe());
+        assert!(lines[0].contains(needle), "{args:?}\n{}", out.describe());
+        assert!(out.stdout.is_empty());
+    }
+}
