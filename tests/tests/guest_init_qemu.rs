@@ -195,6 +195,10 @@ fn guest_init_as_pid1_under_qemu_tcg() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // guest-init brought the guest's own loopback up at boot (rp1 shares the guest's network).
+    let (_, out, _) = t.run("rp1", "lo", common::sh("cat /sys/class/net/lo/flags"));
+    assert_eq!(out.trim(), "0x9", "lo flags in the guest");
+
     // Shutdown: the answer arrives, then the VM ends on its own.
     t.client.shutdown().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
