@@ -255,9 +255,6 @@ pub struct SpecArgs {
     /// Where to write config.json.
     #[arg(short, long, default_value = ".")]
     pub bundle: PathBuf,
-    /// Accepted for runc compatibility and ignored.
-    #[arg(long)]
-    pub rootless: bool,
 }
 
 /// `update`.

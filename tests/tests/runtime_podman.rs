@@ -1,0 +1,221 @@
+//! Podman 4.3 as a real client of `kiln`: `run --rm` with exit codes, `run -d` + `exec` + `logs`
+//! + `stop` + `rm`, `--memory` enforced in the guest, env and workdir, and a terminal (`-t`).
+//! No registry: a busybox-static rootfs is `podman import`ed. Podman gets an isolated
+//! `--root`/`--runroot` and a containers.conf (cgroupfs, file events, nofile within the host's
+//! limit, no network) through `CONTAINERS_CONF`; kiln is reached through a wrapper script that
+//! sets its environment (kernel, guest-init) and its own `--root`.
+
+mod runtime_common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kiln_tests::guests::TempDir;
+use runtime_common::{kiln_bin, kiln_env};
+
+struct Podman {
+    dir: TempDir,
+}
+
+impl Podman {
+    fn new() -> Option<Podman> {
+        if Command::new("podman").arg("--version").output().is_err() {
+            eprintln!("!!! podman not installed: runtime_podman tests cannot run");
+            return None;
+        }
+        let dir = TempDir::new("rt-podman");
+        let p = dir.path();
+        let wrapper = p.join("kiln-wrapper");
+        let mut script = String::from("#!/bin/sh\n");
+        for (k, v) in kiln_env() {
+            script.push_str(&format!("export {k}='{}'\n", v.display()));
+        }
+        script.push_str(&format!(
+            "exec '{}' --root '{}' \"$@\"\n",
+            kiln_bin().display(),
+            p.join("kiln-root").display()
+        ));
+        std::fs::write(&wrapper, script).unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(
+            p.join("containers.conf"),
+            format!(
+                "[containers]\ndefault_ulimits = [\"nofile=1024:1024\"]\nnetns = \"none\"\n\
+                 [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+                 runtime = \"kiln\"\n[engine.runtimes]\nkiln = [\"{}\"]\n",
+                wrapper.display()
+            ),
+        )
+        .unwrap();
+        let pm = Podman { dir };
+        // A busybox-static root file system as an image.
+        let rootfs = pm.dir.path().join("rootfs");
+        kiln_tests::e2e::busybox_tree(&rootfs).unwrap();
+        std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
+        let tar = pm.dir.path().join("bb.tar");
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let o = pm.run(&["import", tar.to_str().unwrap(), "localhost/kiln-bb:latest"]);
+        assert!(o.status.success(), "podman import failed");
+        Some(pm)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let p = self.dir.path();
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", p.join("containers.conf"))
+            .arg("--root")
+            .arg(p.join("storage"))
+            .arg("--runroot")
+            .arg(p.join("runroot"))
+            .args(["--storage-driver", "vfs"])
+            .args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let o = self.cmd(args).output().expect("running podman");
+        eprintln!(
+            "podman {args:?} -> {:?}\n  stdout: {}\n  stderr: {}",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).trim_end(),
+            String::from_utf8_lossy(&o.stderr).trim_end()
+        );
+        o
+    }
+
+    fn kiln_root(&self) -> PathBuf {
+        self.dir.path().join("kiln-root")
+    }
+}
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn no_kiln_leftovers(root: &Path) {
+    let left: Vec<_> = std::fs::read_dir(root)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "state left in {}: {left:?}",
+        root.display()
+    );
+    assert!(runtime_common::processes_mentioning(root.to_str().unwrap()).is_empty());
+}
+
+#[test]
+fn runtime_podman_run_exec_logs_stop_memory_env_tty() {
+    if !kiln_tests::require_kvm("runtime_podman_run_exec_logs_stop_memory_env_tty") {
+        return;
+    }
+    let Some(pm) = Podman::new() else {
+        panic!("podman is required for this test");
+    };
+    let img = "localhost/kiln-bb:latest";
+    let o = pm.run(&["run", "--rm", img, "sh", "-c", "echo hi from kiln; exit 4"]);
+    assert_eq!(o.status.code(), Some(4));
+    assert_eq!(out(&o), "hi from kiln\n");
+
+    // env and workdir.
+    let o = pm.run(&[
+        "run",
+        "--rm",
+        "-e",
+        "HELLO=world",
+        "-w",
+        "/tmp",
+        img,
+        "sh",
+        "-c",
+        "echo $HELLO $(pwd)",
+    ]);
+    assert_eq!(out(&o), "world /tmp\n");
+
+    // --memory: memory.max in the guest cgroup, and exceeding it is an OOM kill (137).
+    let o = pm.run(&[
+        "run",
+        "--rm",
+        "--memory",
+        "64m",
+        img,
+        "sh",
+        "-c",
+        "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max; \
+         x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+    ]);
+    assert_eq!(out(&o), "67108864\n");
+    assert_eq!(o.status.code(), Some(137));
+
+    // A terminal: conmon's console socket; the size reaches the guest.
+    let o = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "stty rows 33 cols 91; {} run -t --rm {img} sh -c 'stty size; exit 3'",
+            shell_words(&pm.cmd(&[]))
+        ))
+        .arg("/dev/null")
+        .output()
+        .unwrap();
+    eprintln!("podman run -t: {:?} {}", o.status.code(), out(&o));
+    assert!(out(&o).contains("33 91"), "{}", out(&o));
+    assert_eq!(o.status.code(), Some(3));
+
+    // run -d, exec, logs, stop, rm.
+    let o = pm.run(&[
+        "run",
+        "-d",
+        "--name",
+        "d1",
+        img,
+        "sh",
+        "-c",
+        "echo started; sleep 1000",
+    ]);
+    assert!(o.status.success());
+    let o = pm.run(&["exec", "d1", "sh", "-c", "echo in-exec; exit 6"]);
+    assert_eq!(o.status.code(), Some(6));
+    assert_eq!(out(&o), "in-exec\n");
+    let o = pm.run(&["logs", "d1"]);
+    assert_eq!(out(&o), "started\n");
+    let o = pm.run(&["stop", "-t", "1", "d1"]);
+    assert!(o.status.success());
+    let o = pm.run(&[
+        "inspect",
+        "--format",
+        "{{.State.Status}} {{.State.ExitCode}}",
+        "d1",
+    ]);
+    assert_eq!(out(&o), "exited 137\n");
+    assert!(pm.run(&["rm", "d1"]).status.success());
+    no_kiln_leftovers(&pm.kiln_root());
+}
+
+/// The podman command line of `c` as one shell string (paths have no quotes).
+fn shell_words(c: &Command) -> String {
+    let mut s = String::new();
+    for (k, v) in c.get_envs() {
+        if let Some(v) = v {
+            s.push_str(&format!(
+                "{}='{}' ",
+                k.to_string_lossy(),
+                v.to_string_lossy()
+            ));
+        }
+    }
+    s.push_str(&c.get_program().to_string_lossy());
+    for a in c.get_args() {
+        s.push_str(&format!(" '{}'", a.to_string_lossy()));
+    }
+    s
+}
