@@ -13,7 +13,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_protocol::{AgentMessage, ErrorKind, ErrorReply, Event, ExitStatus, StdioStream};
 
@@ -25,8 +25,11 @@ use crate::stdio::{OutStream, StdinSlot};
 /// How long an exit waits for output pipes still held open by other processes.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
 
-/// Exits of pids nobody claimed yet (orphans, races) are remembered up to this many.
+/// Exits of pids nobody claimed yet (orphans, or a child that died before its registration)
+/// are remembered up to this many, for at most [`UNCLAIMED_TTL`]: registration follows a clone
+/// within milliseconds, and a stale entry could otherwise match a reused pid.
 const UNCLAIMED_LIMIT: usize = 1024;
+const UNCLAIMED_TTL: Duration = Duration::from_secs(5);
 
 /// Where the agent finds things.
 #[derive(Debug, Clone)]
@@ -113,7 +116,7 @@ pub struct State {
     /// Ids being created (not yet in `containers`).
     pub reserved: HashSet<String>,
     pids: HashMap<i32, Owner>,
-    unclaimed: VecDeque<(i32, ExitStatus)>,
+    unclaimed: VecDeque<(i32, ExitStatus, Instant)>,
 }
 
 /// The agent.
@@ -210,8 +213,9 @@ impl Agent {
     }
 
     fn claim_unclaimed(&self, st: &mut State, pid: i32) {
-        if let Some(i) = st.unclaimed.iter().position(|(p, _)| *p == pid) {
-            if let Some((_, status)) = st.unclaimed.remove(i) {
+        expire_unclaimed(st);
+        if let Some(i) = st.unclaimed.iter().position(|(p, _, _)| *p == pid) {
+            if let Some((_, status, _)) = st.unclaimed.remove(i) {
                 self.reaped_locked(st, pid, status);
             }
         }
@@ -261,10 +265,11 @@ impl Agent {
     fn reaped_locked(&self, st: &mut State, pid: i32, status: ExitStatus) {
         match st.pids.remove(&pid) {
             None => {
+                expire_unclaimed(st);
                 if st.unclaimed.len() >= UNCLAIMED_LIMIT {
                     st.unclaimed.pop_front();
                 }
-                st.unclaimed.push_back((pid, status));
+                st.unclaimed.push_back((pid, status, Instant::now()));
             }
             Some(Owner::Helper) => {}
             Some(Owner::Process { container, exec }) => {
@@ -379,7 +384,7 @@ impl Agent {
 
     /// Waits up to `timeout` until every process of the container is reported.
     pub fn wait_all_exited(&self, container: &str, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         loop {
             match st.containers.get(container) {
@@ -387,7 +392,7 @@ impl Agent {
                 Some(c) if c.all_exited() => return true,
                 Some(_) => {}
             }
-            let now = std::time::Instant::now();
+            let now = Instant::now();
             if now >= deadline {
                 return false;
             }
@@ -408,6 +413,17 @@ impl Agent {
                 agent.on_stream_done(&container, &exec);
             }
         })
+    }
+}
+
+/// Drops remembered exits older than [`UNCLAIMED_TTL`] (the queue is in time order).
+fn expire_unclaimed(st: &mut State) {
+    while st
+        .unclaimed
+        .front()
+        .is_some_and(|(_, _, at)| at.elapsed() > UNCLAIMED_TTL)
+    {
+        st.unclaimed.pop_front();
     }
 }
 
