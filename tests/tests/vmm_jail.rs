@@ -487,3 +487,18 @@ fn rootless_jail_reaches_dev_kvm() {
     // The jail was built: its placeholders exist on the host, owned by the caller.
     assert_eq!(names_in(&jail).first().map(String::as_str), Some("dev"));
 }
+
+/// The monitor exits with the jailed VMM's own status (here a guest crash, 2).
+#[test]
+fn guest_crash_status_passes_through_the_monitor() {
+    if !kvm_and_root("guest_crash_status_passes_through_the_monitor") {
+        return;
+    }
+    let dir = TempDir::new("jail-crash");
+    let jail = dir.path().join("jail");
+    let args = jail_args(&jail);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = boot_guest(Guest::Pvh, "triple-fault", &argv);
+    assert_eq!(out.code(), Some(2), "{}", out.describe());
+    assert!(out.stderr.contains("guest crashed"), "{}", out.describe());
+}

@@ -8,7 +8,9 @@
 //! 2. `unshare(CLONE_NEWPID)` then forks once: the new PID namespace only applies to children,
 //!    so the child is its PID 1 and runs the VM, while the parent stays outside as the
 //!    *monitor* ([`monitor`]): it waits, forwards stop signals as SIGKILL (a namespace's PID 1
-//!    ignores signals it has no handler for) and exits with the child's status;
+//!    ignores signals it has no handler for) and exits with the child's status, which the
+//!    child writes to a pipe as it exits (so the caller does not also wait for the kernel to
+//!    tear the namespaces down);
 //! 3. the child enters new mount, IPC, UTS and network namespaces, builds its root from DIR
 //!    ([`fs`]: kernel and image bind-mounted, a private `/dev` holding only `kvm`), pivots into
 //!    it and detaches the old root;
@@ -184,6 +186,8 @@ pub fn enter(cfg: &JailConfig, vm: &mut VmConfig) -> Result<Entered, JailError> 
     }
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
         .map_err(JailError::sys("unshare(CLONE_NEWPID)"))?;
+    let (status_read, status_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(JailError::sys("pipe2 (exit status pipe)"))?;
     // SAFETY: the process is single-threaded here (the caller's contract), so the child may
     // run arbitrary code after the fork.
     let pid = unsafe { libc::fork() };
@@ -191,13 +195,20 @@ pub fn enter(cfg: &JailConfig, vm: &mut VmConfig) -> Result<Entered, JailError> 
         return Err(JailError::Sys("fork", io::Error::last_os_error()));
     }
     if pid > 0 {
-        return Ok(Entered::Monitor(monitor::run(pid, cfg.seccomp)));
+        drop(status_write);
+        return Ok(Entered::Monitor(monitor::run(
+            pid,
+            cfg.seccomp,
+            status_read,
+        )));
     }
+    drop(status_read);
     // The jailed child, PID 1 of the new namespace: die with the monitor.
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
         .map_err(JailError::sys("prctl(PR_SET_PDEATHSIG)"))?;
     plan.enter()?;
-    privs::confine(ids, &limits)?;
+    let status_fd = privs::confine(ids, &limits, status_write)?;
+    monitor::report_exit_status_on(status_fd);
 
     vm.kernel = PathBuf::from(JAIL_KERNEL);
     if vm.rootfs.is_some() {

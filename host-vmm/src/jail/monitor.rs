@@ -4,8 +4,11 @@
 //! it has no handler for, and host-vmm has none: their default action ends it without clean-up
 //! anyway), waits for it, and exits with its status (128 + signal if it was killed). It closes
 //! every inherited fd above stderr and runs under the monitor seccomp filter from right after
-//! the fork.
+//! the fork. The VMM reports a normal exit's status on a pipe ([`report_exit_status_on`]), so
+//! the monitor can exit as soon as the VMM has, without also waiting for the kernel to tear
+//! the VMM's namespaces down.
 
+use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use crate::seccomp::{FilterContext, SeccompMode, ThreadFilter, ThreadKind};
@@ -34,13 +37,69 @@ pub fn exit_status(wait_status: libc::c_int) -> u8 {
     }
 }
 
-/// Monitors `child` until it exits; returns the status to exit with.
-pub fn run(child: libc::pid_t, seccomp: SeccompMode) -> u8 {
-    CHILD.store(child, Ordering::SeqCst);
-    // The monitor needs nothing but stdio either.
-    if let Err(e) = super::privs::close_inherited_fds() {
-        eprintln!("host-vmm: jail monitor: {e}");
+/// The status byte written to the status pipe when the jailed VMM exits normally.
+static STATUS_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn write_status(status: libc::c_int, _arg: *mut libc::c_void) {
+    let fd = STATUS_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let byte = status as u8;
+        // SAFETY: writes one byte from a live local to our own pipe.
+        unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
     }
+}
+
+#[cfg(target_env = "gnu")]
+extern "C" {
+    /// glibc: like `atexit`, but the handler gets the exit status.
+    fn on_exit(
+        function: extern "C" fn(libc::c_int, *mut libc::c_void),
+        arg: *mut libc::c_void,
+    ) -> libc::c_int;
+}
+
+/// In the jailed VMM: write the process's exit status to `fd` (the status pipe) when it calls
+/// `exit`, so the monitor can report it at once. The kernel tears the process's namespaces
+/// down after it has closed its fds and before its parent can reap it; on this project's
+/// hosts that takes 0.3-10 ms (RCU grace periods), which the caller then does not wait for.
+/// A VMM that dies from a signal writes nothing, and the monitor reaps it as usual. Without
+/// glibc's `on_exit` (musl builds) the monitor always reaps.
+pub fn report_exit_status_on(fd: OwnedFd) {
+    STATUS_FD.store(fd.into_raw_fd(), Ordering::SeqCst);
+    #[cfg(target_env = "gnu")]
+    // SAFETY: registers a handler with the right signature that only writes to a pipe.
+    unsafe {
+        on_exit(write_status, std::ptr::null_mut());
+    }
+}
+
+/// Reads the status byte; `None` at EOF (the VMM died without exiting normally).
+fn read_status(fd: RawFd) -> Option<u8> {
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: reads at most one byte into a live local.
+        let r = unsafe { libc::read(fd, (&mut byte as *mut u8).cast(), 1) };
+        match r {
+            1 => return Some(byte),
+            r if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Monitors `child` until it exits; returns the status to exit with. `status` is the read end
+/// of the pipe the child reports its exit status on.
+pub fn run(child: libc::pid_t, seccomp: SeccompMode, status: OwnedFd) -> u8 {
+    CHILD.store(child, Ordering::SeqCst);
+    // The monitor needs nothing but stdio and the status pipe either.
+    // Kept open until the process exits: closing needs calls the monitor filter does not allow.
+    let status = match super::privs::close_inherited_fds_except(status) {
+        Ok(fd) => Some(fd.into_raw_fd()),
+        Err(e) => {
+            eprintln!("host-vmm: jail monitor: {e}");
+            None
+        }
+    };
     for sig in FORWARDED {
         // SAFETY: the handler only loads an atomic and calls kill.
         unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
@@ -55,6 +114,10 @@ pub fn run(child: libc::pid_t, seccomp: SeccompMode) -> u8 {
             eprintln!("host-vmm: jail monitor: {}", crate::seccomp::describe(&e));
             forward(libc::SIGKILL);
         }
+    }
+    if let Some(code) = status.and_then(read_status) {
+        // The VMM has finished; it is now only being torn down by the kernel.
+        return code;
     }
     loop {
         let mut status = 0;

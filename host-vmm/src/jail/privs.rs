@@ -2,6 +2,7 @@
 //! `no_new_privs`, uid/gid and capabilities.
 
 use std::io;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::path::Path;
 
 use nix::sys::resource::{setrlimit, Resource};
@@ -67,15 +68,43 @@ pub fn enter_user_namespace(ids: JailIds) -> Result<(), JailError> {
     Ok(())
 }
 
-/// Closes every fd above stderr (nothing else is open yet in the jailed child).
-pub fn close_inherited_fds() -> Result<(), JailError> {
-    // SAFETY: close_range has no memory-safety preconditions; no fd above 2 is owned by Rust
-    // code at this point (the jail runs before the VM opens anything).
-    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+fn close_range(first: u32, last: u32) -> Result<(), JailError> {
+    if first > last {
+        return Ok(());
+    }
+    // SAFETY: close_range has no memory-safety preconditions; the callers own no fd in the
+    // range (the jail runs before the VM opens anything).
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
     if r != 0 {
         return Err(last_err("close_range"));
     }
     Ok(())
+}
+
+/// Closes every fd above stderr (nothing else is open yet in the monitor).
+pub fn close_inherited_fds() -> Result<(), JailError> {
+    close_range(3, u32::MAX)
+}
+
+/// Closes every fd above stderr except `keep`, which is moved to fd 3 and returned.
+pub fn close_inherited_fds_except(keep: OwnedFd) -> Result<OwnedFd, JailError> {
+    let fd = keep.into_raw_fd();
+    let kept = if fd == 3 {
+        3
+    } else {
+        // SAFETY: duplicates our own fd onto 3 (closing whatever inherited fd was there);
+        // the original is closed right after.
+        let r = unsafe { libc::dup3(fd, 3, libc::O_CLOEXEC) };
+        if r != 3 {
+            return Err(last_err("dup3"));
+        }
+        // SAFETY: `fd` was ours (from `into_raw_fd`) and is no longer used.
+        unsafe { libc::close(fd) };
+        3
+    };
+    close_range(4, u32::MAX)?;
+    // SAFETY: fd 3 is open and owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(kept) })
 }
 
 /// Applies `limits`, and no core dumps (they would hold guest memory).
@@ -174,9 +203,10 @@ fn clear_capability_sets() -> Result<(), JailError> {
     Ok(())
 }
 
-/// Everything after the mounts: fds, limits, `no_new_privs`, ids, capabilities.
-pub fn confine(ids: JailIds, limits: &Limits) -> Result<(), JailError> {
-    close_inherited_fds()?;
+/// Everything after the mounts: fds (all closed but `keep`, returned as fd 3), limits,
+/// `no_new_privs`, ids, capabilities.
+pub fn confine(ids: JailIds, limits: &Limits, keep: OwnedFd) -> Result<OwnedFd, JailError> {
+    let kept = close_inherited_fds_except(keep)?;
     apply_limits(limits)?;
     nix::sys::prctl::set_no_new_privs().map_err(sys("prctl(PR_SET_NO_NEW_PRIVS)"))?;
     drop_bounding_and_ambient()?;
@@ -187,5 +217,5 @@ pub fn confine(ids: JailIds, limits: &Limits) -> Result<(), JailError> {
     setresgid(gid, gid, gid).map_err(sys("setresgid"))?;
     setresuid(uid, uid, uid).map_err(sys("setresuid"))?;
     clear_capability_sets()?;
-    Ok(())
+    Ok(kept)
 }

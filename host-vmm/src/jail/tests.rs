@@ -2,6 +2,7 @@
 //! forked child. The namespace and mount set-up is covered end to end by
 //! `tests/tests/vmm_jail.rs`, which boots a VM inside the jail.
 
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 
 use super::privs::{self, Limits};
@@ -101,8 +102,19 @@ fn confine_drops_everything() {
     assert!(pid >= 0);
     if pid == 0 {
         let code = (|| {
-            if privs::confine(ids, &limits).is_err() {
+            // SAFETY: a fresh pipe; the write end is handed to `confine` as the fd to keep.
+            let kept = unsafe {
+                let mut fds = [0; 2];
+                if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                    return 9;
+                }
+                std::os::fd::OwnedFd::from_raw_fd(fds[1])
+            };
+            let Ok(kept) = privs::confine(ids, &limits, kept) else {
                 return 10;
+            };
+            if kept.as_raw_fd() != 3 {
+                return 16;
             }
             match privs::current_caps() {
                 Ok((0, 0, 0)) => {}
@@ -134,9 +146,9 @@ fn confine_drops_everything() {
             if rl.rlim_cur != 64 {
                 return 14;
             }
-            // fd 3 and above are closed: a dup of stderr gets 3.
+            // fd 4 and above are closed (3 is the kept fd): a dup of stderr gets 4.
             // SAFETY: dup of fd 2.
-            if unsafe { libc::dup(2) } != 3 {
+            if unsafe { libc::dup(2) } != 4 {
                 return 15;
             }
             0

@@ -31,6 +31,7 @@ pub fn allowed(child: u32) -> Vec<Allowed> {
             "wait4 interrupted by a forwarded signal",
         ),
         Allowed::any(SYS_exit_group, "exit with the VMM's status"),
+        Allowed::any(SYS_read, "the jailed VMM's exit status on the status pipe"),
         Allowed::any(SYS_wait4, "wait for the jailed VMM"),
         Allowed::when(
             SYS_kill,

@@ -231,7 +231,7 @@ fn forbidden(kind: ThreadKind, ctx: &FilterContext) -> Vec<(&'static str, Call)>
                     [u64::from(NO_SUCH_PID), SIGTERM as u64, m, m, m, m],
                 ),
             ),
-            ("read", (SYS_read, [m; 6])),
+            ("getpid", (SYS_getpid, [m; 6])),
         ]),
         ThreadKind::Client => v.extend([
             ("ioctl KVM_RUN", (SYS_ioctl, [m, vcpu::KVM_RUN, m, m, m, m])),
