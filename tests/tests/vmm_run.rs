@@ -3,8 +3,10 @@
 //! - Relay tests (no KVM): host-vmm's run session (`host_vmm::run::session`: the default spec,
 //!   CreateContainer, stdio attach, start, byte relay, signal forwarding, wait) against guest-init
 //!   running as a host process (PID 1 of fresh pid and mount namespaces, listening on a unix
-//!   socket, `--root` standing for the image with a busybox container at `/rootfs`). One of them
-//!   runs in a re-executed copy of this test binary under the client seccomp filter in kill mode.
+//!   socket, `--root` standing for the image with a busybox container at `/rootfs`): exit codes,
+//!   stdout and stderr apart, stdin piped with EOF, signals, a terminal on a host pty (raw mode
+//!   and its restoration, initial size, resize). One run happens in a re-executed copy of this
+//!   test binary under the client seccomp filter in kill mode.
 //! - End to end: the `host-vmm` binary booting kiln's kernel with guest-init as PID 1 from a
 //!   rootfs-builder image. Only where this host's KVM runs Linux userspace: on PVM
 //!   (`/sys/module/kvm_pvm`) it says so and checks nothing (see docs: design.md, PVM section).
@@ -51,8 +53,17 @@ impl HostAgent {
             std::process::id()
         ));
         let log = File::create(dir.path().join("agent.log")).unwrap();
+        // The guest's /dev/pts, which the default spec binds into the container, is the host's
+        // here: bound into the agent's root inside its own mount namespace only.
+        std::fs::create_dir_all(dir.path().join("dev/pts")).unwrap();
         let mut cmd = Command::new("unshare");
         cmd.args(["--pid", "--mount", "--fork", "--mount-proc", "--kill-child"])
+            .args([
+                "sh",
+                "-c",
+                "mount --bind /dev/pts \"$0/dev/pts\" && exec \"$@\"",
+            ])
+            .arg(dir.path())
             .arg(common::guest_init_bin())
             .arg("--root")
             .arg(dir.path())
@@ -350,6 +361,133 @@ fn relay_signals_forwarded_then_second_one_interrupts() {
         )],
     );
     assert_eq!(r.end, SessionEnd::VmStopped("test".into()));
+}
+
+/// A host pty pair: (master, slave).
+fn host_pty() -> (File, File) {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two fds into the live integers; name, termios and size are null.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    use std::os::fd::FromRawFd;
+    // SAFETY: both fds were just opened and are owned by nobody else.
+    unsafe { (File::from_raw_fd(master), File::from_raw_fd(slave)) }
+}
+
+fn set_size(tty: &File, rows: u16, cols: u16) {
+    use std::os::fd::AsRawFd;
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the live `ws`.
+    assert_eq!(
+        unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
+}
+
+fn lflag(tty: &File) -> libc::tcflag_t {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcgetattr fills the zeroed termios (plain data).
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        assert_eq!(libc::tcgetattr(tty.as_raw_fd(), &mut t), 0);
+        t.c_lflag
+    }
+}
+
+/// Stdin is a terminal: one pty stream, the host terminal in raw mode during the run and
+/// restored after, the initial size in the spec, a window change forwarded as ResizeTty.
+#[test]
+fn relay_terminal_raw_mode_and_resize() {
+    let agent = HostAgent::start("tty");
+    let c = agent.client();
+    let (mut master, slave) = host_pty();
+    set_size(&slave, 30, 100);
+    let cooked = lflag(&slave);
+    assert_ne!(cooked & libc::ICANON, 0);
+    let output = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut reader = master.try_clone().unwrap();
+    let sink = Arc::clone(&output);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut reader, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let stdio = HostStdio {
+        stdin: slave.try_clone().unwrap(),
+        stdout: slave.try_clone().unwrap(),
+        stderr: slave.try_clone().unwrap(),
+        terminal: true,
+    };
+    let size = host_vmm::run::terminal::window_size(std::os::fd::AsFd::as_fd(&slave));
+    let args: Vec<String> = sh(
+        "stty size; read line; echo \"got $line\"; sleep 1; stty size; \
+                                tty >/dev/null && echo tty-ok; exit 9",
+    )
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let channel = ControlChannel::new();
+    let tx = channel.sender();
+    let resize_slave = slave.try_clone().unwrap();
+    let out_probe = Arc::clone(&output);
+    let driver = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let saw = |what: &str| String::from_utf8_lossy(&out_probe.lock().unwrap()).contains(what);
+        while !saw("30 100") {
+            assert!(Instant::now() < deadline, "no initial size");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Raw mode on the host side while the process runs.
+        assert_eq!(lflag(&resize_slave) & (libc::ICANON | libc::ECHO), 0);
+        master.write_all(b"hello\r").unwrap();
+        while !saw("got hello") {
+            assert!(Instant::now() < deadline, "no answer to the input");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        set_size(&resize_slave, 40, 120);
+        tx.send(Control::WindowChanged).unwrap();
+    });
+    let end = session::run(
+        &c,
+        &agent.connector(),
+        command_spec(&args, Some(("xterm", size))),
+        stdio,
+        channel,
+    )
+    .unwrap_or_else(|e| panic!("session: {}", kiln_protocol::error_chain(&e)));
+    driver.join().expect("driver");
+    assert_eq!(end, SessionEnd::Exited(ExitStatus::Exited(9)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+        if text.contains("tty-ok") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(text.contains("30 100\r\n"), "{text:?}");
+    assert!(text.contains("hello"), "echo of the input: {text:?}");
+    assert!(text.contains("got hello\r\n"), "{text:?}");
+    assert!(text.contains("40 120\r\n"), "resize forwarded: {text:?}");
+    assert!(text.contains("tty-ok"), "{text:?}");
+    assert_eq!(lflag(&slave), cooked, "terminal mode restored");
 }
 
 /// Set in the re-executed child of [`relay_under_client_seccomp_filter`].

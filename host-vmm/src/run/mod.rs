@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kiln_protocol::transport::TransportError;
 use kiln_protocol::{AgentClient, Request};
 
 use crate::cli::{Cli, ConsoleArg};
@@ -203,7 +204,9 @@ fn wait_for_agent(conn: &HybridVsock, channel: &ControlChannel) -> Result<AgentC
                 return AgentClient::connect(stream, "host-vmm")
                     .map_err(|e| NoAgent::Failed(kiln_protocol::error_chain(&e)))
             }
-            Err(e) if e.is_retryable() => {}
+            // Timeout: the VMM held the CONNECT because the guest's vsock driver is not up
+            // yet (a slow boot); try again.
+            Err(e) if e.is_retryable() || matches!(e, TransportError::Timeout { .. }) => {}
             Err(e) => return Err(NoAgent::Failed(kiln_protocol::error_chain(&e))),
         }
         if Instant::now() >= deadline {

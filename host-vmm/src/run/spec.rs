@@ -51,7 +51,15 @@ pub fn command_spec(args: &[String], terminal: Option<(&str, Option<TtySize>)>) 
         mounts: vec![
             mount("/proc", "proc", &["nosuid", "nodev", "noexec"]),
             mount("/dev", "tmpfs", &["nosuid", "mode=755"]),
-            mount("/dev/pts", "devpts", &["newinstance", "ptmxmode=0666"]),
+            // The guest's own devpts, where the agent allocates the command's pty: so the
+            // terminal has a name (`tty`, ttyname) inside the container. A new devpts instance
+            // would hide it; the VM holds only this container.
+            MountSpec {
+                destination: "/dev/pts".into(),
+                fstype: Some("bind".into()),
+                source: Some("/dev/pts".into()),
+                options: vec!["bind".into(), "nosuid".into(), "noexec".into()],
+            },
             mount("/dev/shm", "tmpfs", &["nosuid", "nodev", "mode=1777"]),
             mount("/tmp", "tmpfs", &["nosuid", "nodev"]),
             mount("/sys", "sysfs", &["ro", "nosuid", "nodev", "noexec"]),
