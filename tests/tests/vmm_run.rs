@@ -391,10 +391,8 @@ fn set_size(tty: &File, rows: u16, cols: u16) {
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ reads one winsize from the live `ws`.
-    assert_eq!(
-        unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-        0
-    );
+    let r = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    assert_eq!(r, 0);
 }
 
 fn lflag(tty: &File) -> libc::tcflag_t {
