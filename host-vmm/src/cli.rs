@@ -127,9 +127,10 @@ impl Cli {
         })
     }
 
-    /// Log level for `-v` count.
+    /// Log level for `-v` count. With `-- CMD` stderr is the command's, so only warnings.
     pub fn log_level(&self) -> log::LevelFilter {
         match self.verbose {
+            0 if !self.command.is_empty() => log::LevelFilter::Warn,
             0 => log::LevelFilter::Info,
             1 => log::LevelFilter::Debug,
             _ => log::LevelFilter::Trace,

@@ -288,10 +288,12 @@ fn relay_exit_codes_and_stdout_stderr_apart() {
         },
         ControlChannel::new(),
     );
-    match e {
-        Err(e) => eprintln!("missing binary: {}", kiln_protocol::error_chain(&e)),
-        Ok(end) => assert_eq!(end, SessionEnd::Exited(ExitStatus::Exited(127)), "{end:?}"),
-    }
+    // guest-init reports it as a failed StartContainer (host-vmm prints it, exit 1).
+    let e = kiln_protocol::error_chain(&e.expect_err("a missing binary cannot start"));
+    assert!(
+        e.contains("StartContainer failed") && e.contains("No such file or directory"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -649,6 +651,81 @@ fn end_to_end_host_vmm_runs_a_command() {
     );
     let out = run(&["wc", "-c"], Some(b"0123456789"));
     assert_eq!(out.stdout.trim(), "10", "{}", out.describe());
+}
+
+/// The VM side of `host-vmm --` with a bare-metal test guest that never runs an agent: the
+/// guest stops first (one line naming it, then the console tail, exit 1, the vsock socket
+/// removed), and a SIGINT while waiting for the agent stops the VM at once (exit 130). Runs the
+/// binary's VM thread, console tail and client seccomp filter (kill mode) on real KVM.
+#[test]
+fn vm_side_without_an_agent() {
+    if !kiln_tests::require_kvm("vm_side_without_an_agent") {
+        return;
+    }
+    let dir = TempDir::new("run-noagent");
+    let image = dir.path().join("disk.img");
+    File::create(&image).unwrap().set_len(1 << 20).unwrap();
+    let guest = kiln_tests::guests::guest(kiln_tests::guests::Guest::Linux64);
+    let uds = dir.path().join("vsock.sock");
+    let mut cmd = Command::new(host_vmm());
+    cmd.arg("--kernel")
+        .arg(&guest)
+        .arg("--rootfs")
+        .arg(&image)
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .args(["--", "/bin/sh", "-c", "echo never"]);
+    let out = run_with_timeout(cmd, Duration::from_secs(60)).unwrap();
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let first = out.stderr.lines().next().unwrap_or_default();
+    assert!(
+        first
+            .starts_with("host-vmm: the VM stopped before the agent answered: the guest shut down"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("  KILN-TEST marker"),
+        "console tail\n{}",
+        out.describe()
+    );
+    assert!(out.stdout.is_empty(), "{}", out.describe());
+    assert!(!uds.exists(), "vsock socket left behind");
+
+    let mut child = Command::new(host_vmm())
+        .arg("--kernel")
+        .arg(&guest)
+        .arg("--rootfs")
+        .arg(&image)
+        .args(["--cmdline", "kiln.test=idle", "--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "idle guest ended early"
+    );
+    let t = Instant::now();
+    // SAFETY: kill has no memory effects; the pid is our live child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "SIGINT did not stop host-vmm"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    eprintln!(
+        "SIGINT while waiting for the agent: exit after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(status.code(), Some(130));
 }
 
 #[test]

@@ -194,29 +194,60 @@ enum NoAgent {
 }
 
 /// Connects the control client, retrying while the guest boots, until the agent answers, the
-/// VM stops, a signal arrives or [`AGENT_TIMEOUT`] passes.
+/// VM stops, a signal arrives or [`AGENT_TIMEOUT`] passes. The attempts run on a thread of their
+/// own: one can block for [`kiln_protocol::transport::HANDSHAKE_TIMEOUT`] while the VMM holds a
+/// CONNECT the guest does not answer yet, and a Ctrl-C must not wait for that.
 fn wait_for_agent(conn: &HybridVsock, channel: &ControlChannel) -> Result<AgentClient, NoAgent> {
     use session::AgentConnector;
-    let deadline = Instant::now() + AGENT_TIMEOUT;
-    loop {
-        match conn.connect() {
-            Ok(stream) => {
-                return AgentClient::connect(stream, "host-vmm")
-                    .map_err(|e| NoAgent::Failed(kiln_protocol::error_chain(&e)))
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let give_up = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let (conn, stop) = (conn.clone(), Arc::clone(&give_up));
+    let attempts = move || {
+        let deadline = Instant::now() + AGENT_TIMEOUT;
+        let result = loop {
+            match conn.connect() {
+                Ok(stream) => {
+                    break AgentClient::connect(stream, "host-vmm")
+                        .map_err(|e| kiln_protocol::error_chain(&e))
+                }
+                // Timeout: the VMM held the CONNECT because the guest's vsock driver is not
+                // up yet (a slow boot); try again.
+                Err(e) if e.is_retryable() || matches!(e, TransportError::Timeout { .. }) => {}
+                Err(e) => break Err(kiln_protocol::error_chain(&e)),
             }
-            // Timeout: the VMM held the CONNECT because the guest's vsock driver is not up
-            // yet (a slow boot); try again.
-            Err(e) if e.is_retryable() || matches!(e, TransportError::Timeout { .. }) => {}
-            Err(e) => return Err(NoAgent::Failed(kiln_protocol::error_chain(&e))),
+            if Instant::now() >= deadline {
+                break Err(format!("the agent did not answer within {AGENT_TIMEOUT:?}"));
+            }
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = tx.send(result);
+    };
+    std::thread::Builder::new()
+        .name("connect".into())
+        .spawn(attempts)
+        .map_err(|e| NoAgent::Failed(format!("cannot start the connect thread: {e}")))?;
+    let stop = || give_up.store(true, Ordering::Relaxed);
+    loop {
+        match rx.try_recv() {
+            Ok(result) => return result.map_err(NoAgent::Failed),
+            Err(mpsc::TryRecvError::Disconnected) => {
+                return Err(NoAgent::Failed("the connect thread ended".into()))
+            }
+            Err(mpsc::TryRecvError::Empty) => {}
         }
-        if Instant::now() >= deadline {
-            return Err(NoAgent::Failed(format!(
-                "the agent did not answer within {AGENT_TIMEOUT:?}"
-            )));
-        }
-        match channel.recv_timeout(Duration::from_millis(20)) {
-            Some(Control::VmStopped(why)) => return Err(NoAgent::VmStopped(why)),
-            Some(Control::Signal(signal)) => return Err(NoAgent::Signal(signal)),
+        match channel.recv_timeout(Duration::from_millis(10)) {
+            Some(Control::VmStopped(why)) => {
+                stop();
+                return Err(NoAgent::VmStopped(why));
+            }
+            Some(Control::Signal(signal)) => {
+                stop();
+                return Err(NoAgent::Signal(signal));
+            }
             _ => {}
         }
     }
