@@ -144,6 +144,8 @@ impl Drop for HostAgent {
 /// What one run produced.
 struct Ran {
     end: SessionEnd,
+    /// Time in the session (create to exit and drained output).
+    took: Duration,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
 }
@@ -196,6 +198,7 @@ fn run_on(
             }
         }
     });
+    let t = Instant::now();
     let end = session::run(
         client,
         &agent.connector(),
@@ -204,6 +207,7 @@ fn run_on(
         channel,
     )
     .unwrap_or_else(|e| panic!("session: {}", kiln_protocol::error_chain(&e)));
+    let took = t.elapsed();
     if !matches!(end, SessionEnd::Exited(_)) {
         // Still running (the session was cut short): kill it and wait, so the id is free.
         let _ = client.signal(CONTAINER_ID, "", libc::SIGKILL);
@@ -229,6 +233,7 @@ fn run_on(
     }
     Ran {
         end,
+        took,
         stdout: std::fs::read(&out).unwrap(),
         stderr: std::fs::read(&err).unwrap(),
     }
@@ -301,19 +306,60 @@ fn relay_stdin_piped_through_with_eof() {
     let agent = HostAgent::start("stdin");
     let c = agent.client();
     let input: Vec<u8> = (0..(4u32 << 20)).map(|i| (i * 7 + i / 251) as u8).collect();
-    let t = Instant::now();
     let r = run_on(&agent, &c, &["cat"], &input, vec![]);
-    let took = t.elapsed();
+    let took = r.took;
     assert_eq!(r.code(), 0, "stderr: {}", r.err());
     assert_eq!(r.stdout.len(), input.len());
     assert_eq!(Sha256::digest(&r.stdout), Sha256::digest(&input));
-    eprintln!("4 MiB through stdin and stdout: {took:?}");
+    eprintln!("4 MiB through stdin and stdout (whole session, create to exit): {took:?}");
     // EOF reaches the process: wc counts and exits.
     let r = run_on(&agent, &c, &sh("wc -c; echo done >&2"), b"12345", vec![]);
     assert_eq!((r.out().trim(), r.err()), ("5", "done\n".into()));
     // Empty stdin.
     let r = run_on(&agent, &c, &sh("cat; exit 4"), b"", vec![]);
     assert_eq!((r.code(), r.out()), (4, String::new()));
+}
+
+/// A host reader that goes away (`host-vmm -- yes | head -1`): the relay closes the stream,
+/// the process gets EPIPE/SIGPIPE and the run ends instead of hanging.
+#[test]
+fn relay_closed_host_stdout_ends_the_writer() {
+    let agent = HostAgent::start("epipe");
+    let c = agent.client();
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two fds into the live array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    use std::os::fd::FromRawFd;
+    // SAFETY: both fds were just created and are owned by nobody else.
+    let (read_end, write_end) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    drop(read_end);
+    let stdio = HostStdio {
+        stdin: File::open("/dev/null").unwrap(),
+        stdout: write_end,
+        stderr: File::create("/dev/null").unwrap(),
+        terminal: false,
+    };
+    let args: Vec<String> = ["yes"].iter().map(|s| s.to_string()).collect();
+    let (tx_done, rx_done) = std::sync::mpsc::channel();
+    let conn = agent.connector();
+    let client = Arc::clone(&c);
+    std::thread::spawn(move || {
+        let end = session::run(
+            &client,
+            &conn,
+            command_spec(&args, None),
+            stdio,
+            ControlChannel::new(),
+        );
+        let _ = tx_done.send(end.map_err(|e| kiln_protocol::error_chain(&e)));
+    });
+    let end = rx_done
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the run hangs after its reader went away");
+    assert_eq!(
+        end,
+        Ok(SessionEnd::Exited(ExitStatus::Signaled(libc::SIGPIPE)))
+    );
 }
 
 #[test]

@@ -87,6 +87,9 @@ pub enum Control {
     VmStopped(String),
     /// The process's exit status (sent by the session's waiter thread).
     Exited(Result<ExitStatus, String>),
+    /// Writing the process's output to the host failed: its reader is gone (sent by the
+    /// output relays). The process gets SIGPIPE once.
+    HostOutputClosed,
 }
 
 /// How a session ended.
@@ -179,9 +182,17 @@ impl ControlChannel {
     }
 }
 
-/// Copies `from` into `to` until end of input or an error (the other side is gone). Returns
-/// the bytes copied.
-fn pump(mut from: impl Read, mut to: impl Write) -> u64 {
+/// How a copy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copied {
+    /// End of input (or the input side failed): everything read was written.
+    End(u64),
+    /// Writing failed: the reader on the other side is gone.
+    WriteFailed(u64),
+}
+
+/// Copies `from` into `to` until end of input or an error.
+fn pump(mut from: impl Read, mut to: impl Write) -> Copied {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
@@ -192,11 +203,28 @@ fn pump(mut from: impl Read, mut to: impl Write) -> u64 {
             Err(_) => break,
         };
         if to.write_all(&buf[..n]).is_err() {
-            break;
+            return Copied::WriteFailed(total);
         }
         total += n as u64;
     }
-    total
+    Copied::End(total)
+}
+
+/// Guest output → host fd. When the host reader is gone (`host-vmm -- yes | head -1`) the
+/// process gets SIGPIPE, as it would writing to that pipe itself.
+fn spawn_output(
+    name: &str,
+    stream: UnixStream,
+    out: File,
+    tx: Sender<Control>,
+) -> Result<JoinHandle<Copied>, SessionError> {
+    thread(name, move || {
+        let copied = pump(stream, out);
+        if let Copied::WriteFailed(_) = copied {
+            let _ = tx.send(Control::HostOutputClosed);
+        }
+        copied
+    })
 }
 
 fn thread<T: Send + 'static>(
@@ -282,7 +310,7 @@ pub fn run(
             .map_err(|e| SessionError::Io("raw mode on the terminal", e.into()))?;
         spawn_input(stdio.stdin, pty_in, Arc::clone(client), false)?;
         let out = stdio.stdout;
-        outputs.push(thread("pty-out", move || pump(pty, out))?);
+        outputs.push(spawn_output("pty-out", pty, out, channel.sender())?);
         Some(raw)
     } else {
         let stdin = attach(conn, StdioStream::Stdin)?;
@@ -290,8 +318,8 @@ pub fn run(
         let stderr = attach(conn, StdioStream::Stderr)?;
         spawn_input(stdio.stdin, stdin, Arc::clone(client), true)?;
         let (out, err) = (stdio.stdout, stdio.stderr);
-        outputs.push(thread("stdout", move || pump(stdout, out))?);
-        outputs.push(thread("stderr", move || pump(stderr, err))?);
+        outputs.push(spawn_output("stdout", stdout, out, channel.sender())?);
+        outputs.push(spawn_output("stderr", stderr, err, channel.sender())?);
         None
     };
 
@@ -308,6 +336,7 @@ pub fn run(
     })?;
 
     let mut signals = 0u32;
+    let mut sent_sigpipe = false;
     loop {
         // The channel holds a sender itself, so it never disconnects.
         let Ok(control) = channel.rx.recv() else {
@@ -348,6 +377,19 @@ pub fn run(
                     );
                 }
             }
+            Control::HostOutputClosed if !sent_sigpipe => {
+                sent_sigpipe = true;
+                simple_call(
+                    client,
+                    "SIGPIPE for a closed output",
+                    Request::SignalProcess {
+                        container_id: CONTAINER_ID.into(),
+                        exec_id: INIT_EXEC_ID.into(),
+                        signal: libc::SIGPIPE,
+                    },
+                );
+            }
+            Control::HostOutputClosed => {}
             Control::VmStopped(why) => return Ok(SessionEnd::VmStopped(why)),
             Control::Exited(Ok(status)) => {
                 drain(outputs, DRAIN_TIMEOUT);
@@ -364,7 +406,7 @@ pub fn run(
 }
 
 /// Waits for the output relays to reach the end of their streams, at most `timeout` in all.
-fn drain(outputs: Vec<JoinHandle<u64>>, timeout: Duration) {
+fn drain(outputs: Vec<JoinHandle<Copied>>, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     for h in outputs {
         while !h.is_finished() && Instant::now() < deadline {
@@ -386,8 +428,14 @@ mod tests {
     fn pump_copies_until_end() {
         let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
         let mut out = Vec::new();
-        assert_eq!(pump(&data[..], &mut out), data.len() as u64);
+        assert_eq!(pump(&data[..], &mut out), Copied::End(data.len() as u64));
         assert_eq!(out, data);
+        let mut full = [0u8; 10];
+        assert_eq!(
+            pump(&data[..], &mut full[..]),
+            Copied::WriteFailed(0),
+            "a short writer is a failed write"
+        );
     }
 
     #[test]
