@@ -154,6 +154,7 @@ fn resolve_uds(uds: &Path) -> io::Result<PathBuf> {
 /// the process has a single thread. Returns [`Entered::Monitor`] in the outer process once the
 /// VMM has exited, [`Entered::Jailed`] in the jailed one.
 pub fn enter(cfg: &JailConfig, vm: &mut VmConfig) -> Result<Entered, JailError> {
+    let started = std::time::Instant::now();
     let dir_err = |source| JailError::Dir {
         path: cfg.dir.clone(),
         source,
@@ -217,5 +218,11 @@ pub fn enter(cfg: &JailConfig, vm: &mut VmConfig) -> Result<Entered, JailError> 
     if let (Some(v), Some(inside)) = (vm.vsock.as_mut(), uds_inside) {
         v.uds = inside;
     }
+    log::debug!(
+        "jail: entered in {} us (as uid {}, gid {})",
+        started.elapsed().as_micros(),
+        ids.uid,
+        ids.gid
+    );
     Ok(Entered::Jailed)
 }
