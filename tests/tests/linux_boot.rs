@@ -381,8 +381,20 @@ fn linux_boots_under_host_vmm() {
     for needle in &watch[..3] {
         assert!(
             run.seen_at(needle).is_some(),
-            "host-vmm on PVM: '{needle}' never appeared (after {:?}); console tail:\n{tail}",
-            run.elapsed
+            "host-vmm on PVM: '{needle}' never appeared (after {:?}, exit status {:?}); \
+             console tail:\n{tail}",
+            run.elapsed,
+            run.status
         );
     }
+}
+
+#[test]
+fn console_parsing_helpers() {
+    let console = "[    0.412345] Run /init as init process\r\nKILN-CPUS 2\r\nKILN-UNAME 6.1.192\n";
+    assert_eq!(printk_time(console, "Run /init"), Some(0.412345));
+    assert_eq!(printk_time(console, "absent"), None);
+    assert_eq!(marker(console, "CPUS"), Some("2"));
+    assert_eq!(marker(console, "UNAME"), Some("6.1.192"));
+    assert_eq!(marker(console, "NS"), None);
 }
