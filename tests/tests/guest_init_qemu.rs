@@ -132,6 +132,21 @@ fn guest_init_as_pid1_under_qemu_tcg() {
     );
     let console_text = || std::fs::read_to_string(&console).unwrap_or_default();
 
+    // vhost-device-vsock 0.3.0 can drop every CONNECT made while the guest driver is still
+    // initialising the device, so wait for guest-init's listening line first (as the launcher
+    // in kiln_runtime::vm does).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !console_text().contains(kiln_runtime::vm::AGENT_LISTENING_MARKER) {
+        assert!(
+            Instant::now() < deadline,
+            "guest-init never listened:\n{}",
+            console_text()
+        );
+        if let Some(s) = qemu.0.try_wait().unwrap() {
+            panic!("qemu exited early with {s}:\n{}", console_text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let first = hybrid_vsock_connect_retry(&uds, AGENT_VSOCK_PORT, Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("agent not reachable: {e}\n{}", console_text()));
     drop(first);
