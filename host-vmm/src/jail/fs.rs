@@ -171,7 +171,14 @@ impl RootPlan {
         if let Some(image) = &self.rootfs {
             let target = dir.join("rootfs");
             placeholder(&target)?;
-            let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+            let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+            // A block-device image must stay openable as a device.
+            let is_device = std::fs::metadata(image)
+                .map(|m| m.file_type().is_block_device())
+                .unwrap_or(false);
+            if !is_device {
+                flags |= MsFlags::MS_NODEV;
+            }
             if self.read_only {
                 flags |= MsFlags::MS_RDONLY;
             }
