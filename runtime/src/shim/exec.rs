@@ -59,6 +59,12 @@ pub fn run_exec(
         .exec(&req.container_id, &req.exec_id, process)
         .map_err(|e| ShimError::Agent("exec failed".into(), e))?;
     let outputs = io.attach(&req.vsock_uds, &client, &req.container_id, &req.exec_id)?;
+    let outputs = session::close_stdin_after_outputs(
+        outputs,
+        Arc::clone(&client),
+        &req.container_id,
+        &req.exec_id,
+    );
     on_started();
     let status = client
         .wait(&req.container_id, &req.exec_id)

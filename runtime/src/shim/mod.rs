@@ -181,6 +181,8 @@ fn setup(
         .create_container(id, spec)
         .map_err(|e| ShimError::Agent("the agent could not create the container".into(), e))?;
     let outputs = io.attach(&sandbox.vsock_uds(), &client, id, INIT_EXEC_ID)?;
+    let outputs =
+        session::close_stdin_after_outputs(outputs, Arc::clone(&client), id, INIT_EXEC_ID);
 
     let mut state = store.load(id)?;
     let me = std::process::id() as i32;

@@ -201,6 +201,32 @@ fn spawn_resizer(
     Ok(())
 }
 
+/// Once every output relay has ended (the agent closes them when the process's output ends,
+/// normally at its exit), closes the process's stdin in the guest. The agent reports an exit only
+/// after the process's stdin is done as well (seen with clients that keep stdin open without
+/// writing, as containerd's shim does), so without this a finished process would look alive
+/// until the client closed its end. A process that closes stdout and stderr but keeps reading
+/// stdin loses its input: an accepted trade-off. Returns the watcher thread.
+pub fn close_stdin_after_outputs(
+    outputs: Vec<JoinHandle<u64>>,
+    client: Arc<AgentClient>,
+    container: &str,
+    exec: &str,
+) -> Vec<JoinHandle<u64>> {
+    let (container, exec) = (container.to_string(), exec.to_string());
+    let watcher = std::thread::Builder::new()
+        .name("stdin-closer".into())
+        .spawn(move || {
+            let mut total = 0;
+            for h in outputs {
+                total += h.join().unwrap_or(0);
+            }
+            let _ = client.close_stdin(&container, &exec);
+            total
+        });
+    watcher.into_iter().collect()
+}
+
 /// Joins output relays, giving up after `timeout` (output is complete when the agent reports the
 /// exit, so this normally returns at once).
 pub fn join_outputs(outputs: Vec<JoinHandle<u64>>, timeout: Duration) {
