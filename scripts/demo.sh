@@ -39,7 +39,7 @@ for a in $(/bin/busybox --list); do ln -sf busybox "$WORK/busybox/bin/$a"; done
 echo "root:x:0:0:root:/root:/bin/sh" > "$WORK/busybox/etc/passwd"
 t0=$(ms)
 "$REL/rootfs-builder" bundle --image "$WORK/busybox" --out "$WORK/bundle" \
-  --guest-init "$GUEST_INIT" --cache "$WORK/cache" >/dev/null
+  --guest-init "$GUEST_INIT" >/dev/null
 echo "bundle with a block image built in $(elapsed "$t0")"
 
 if [ $# -eq 0 ]; then

@@ -16,7 +16,7 @@ echo "[test] cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "[test] cargo test"
-cargo test --workspace --release -- --test-threads=2
+cargo test --workspace --release --no-fail-fast -- --test-threads=2
 
 if [ -s "$KILN_SKIP_LOG" ]; then
   echo "!!! KVM tests were skipped:" >&2
