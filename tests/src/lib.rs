@@ -12,6 +12,7 @@ pub mod e2e;
 pub mod guests;
 pub mod images;
 pub mod kernel;
+pub mod rootfs_boot;
 
 /// Root of the cargo workspace.
 pub fn workspace_root() -> PathBuf {

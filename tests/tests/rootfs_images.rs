@@ -1,133 +1,20 @@
 //! rootfs-builder against images made by real tools, with no registry: `podman import` of a
 //! busybox-static rootfs saved as oci-archive, docker-archive and oci-dir; a multi-layer OCI
-//! layout with whiteouts written by hand; a bundle run by `runc` as the oracle for config.json;
-//! and (ignored by default, slow) a Debian minbase from `debootstrap`.
+//! layout with whiteouts written by hand; a bundle run by `runc` as the oracle for config.json.
 //!
 //! Images are inspected with `debugfs`, `e2fsck -fn`, `fsck.erofs` and `dump.erofs`; booting them
-//! is the job of the boot tests.
+//! with the real guest-init (and the Debian minbase from `debootstrap`) is `rootfs_boot.rs`.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Instant;
 
+// The podman busybox image is shared with `rootfs_boot.rs`, which boots it with the real agent.
+use kiln_tests::rootfs_boot::{podman_images, run, scratch, APPLETS, BUSYBOX};
 use rootfs_builder::{build_bundle, build_image, BuildOptions, BundleOptions, Format, Layout};
 use sha2::{Digest, Sha256};
-
-const BUSYBOX: &str = "/bin/busybox";
-const APPLETS: &[&str] = &["sh", "ls", "cat", "echo", "true"];
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = kiln_tests::workspace_root()
-        .join("target/rootfs-tests")
-        .join(name);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A busybox-static root file system directory.
-fn busybox_rootfs(dir: &Path) {
-    fs::create_dir_all(dir.join("bin")).unwrap();
-    fs::create_dir_all(dir.join("etc")).unwrap();
-    fs::copy(BUSYBOX, dir.join("bin/busybox")).unwrap();
-    for a in APPLETS {
-        std::os::unix::fs::symlink("busybox", dir.join("bin").join(a)).unwrap();
-    }
-    fs::write(
-        dir.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
-    )
-    .unwrap();
-    fs::write(dir.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
-}
-
-/// Podman images saved in every format, made once per test process.
-struct PodmanImages {
-    oci_archive: PathBuf,
-    docker_archive: PathBuf,
-    oci_dir: PathBuf,
-}
-
-fn podman_images() -> &'static PodmanImages {
-    static IMAGES: OnceLock<PodmanImages> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let dir = scratch("podman");
-        let rootfs = dir.join("rootfs");
-        busybox_rootfs(&rootfs);
-        let tarball = dir.join("busybox.tar");
-        run(Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&tarball)
-            .arg("."));
-        let conf = dir.join("containers.conf");
-        fs::write(
-            &conf,
-            "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
-        )
-        .unwrap();
-        let podman = |args: &[&str]| {
-            let mut c = Command::new("podman");
-            c.env("CONTAINERS_CONF", &conf)
-                .arg("--root")
-                .arg(dir.join("storage"))
-                .arg("--runroot")
-                .arg(dir.join("run"))
-                .args(["--storage-driver", "vfs"])
-                .args(args);
-            run(&mut c)
-        };
-        podman(&[
-            "import",
-            "--change",
-            "CMD [\"/bin/sh\", \"-c\", \"echo hi\"]",
-            "--change",
-            "WORKDIR /etc",
-            "--change",
-            "USER nobody",
-            tarball.to_str().unwrap(),
-            "localhost/kiln-busybox:test",
-        ]);
-        let out = |n: &str| dir.join(n);
-        let images = PodmanImages {
-            oci_archive: out("busybox-oci.tar"),
-            docker_archive: out("busybox-docker.tar"),
-            oci_dir: out("busybox-oci-dir"),
-        };
-        for (format, path) in [
-            ("oci-archive", &images.oci_archive),
-            ("docker-archive", &images.docker_archive),
-            ("oci-dir", &images.oci_dir),
-        ] {
-            podman(&[
-                "save",
-                "--format",
-                format,
-                "-o",
-                path.to_str().unwrap(),
-                "localhost/kiln-busybox:test",
-            ]);
-        }
-        images
-    })
-}
 
 fn debugfs(image: &Path, request: &str) -> String {
     run(Command::new("debugfs").arg("-R").arg(request).arg(image))
@@ -425,46 +312,6 @@ fn rootfs_multilayer_whiteouts() {
     assert_eq!(debugfs(&out, "cat /rootfs/app/config"), "v2");
 }
 
-/// A static stand-in for guest-init, for images without busybox: chroots into `/rootfs`, runs the
-/// command in `$KILN_CMD` (an unknown `KEY=value` kernel parameter becomes init's environment; not
-/// `-- args`, because QEMU microvm appends its `virtio_mmio.device=` parameters after them) and
-/// exits, which panics the kernel; `panic=1` and QEMU's `-no-reboot` then end the VM.
-const STATIC_STAND_IN: &str = r#"
-fn main() {
-    let cmd = std::env::var("KILN_CMD").expect("KILN_CMD");
-    let args: Vec<&str> = cmd.split_whitespace().collect();
-    std::os::unix::fs::chroot("/rootfs").expect("chroot /rootfs");
-    std::env::set_current_dir("/").expect("chdir /");
-    match std::process::Command::new(&args[0]).args(&args[1..]).env("PATH", "/usr/bin:/bin").output() {
-        Ok(o) => {
-            print!("KILN-CMD-OUT {}", String::from_utf8_lossy(&o.stdout));
-            println!("KILN-CMD-STATUS {}", o.status.code().unwrap_or(-1));
-        }
-        Err(e) => println!("KILN-CMD-ERROR {e}"),
-    }
-}
-"#;
-
-/// Compiles [`STATIC_STAND_IN`] for x86_64-unknown-linux-musl into `dir`.
-fn static_stand_in(dir: &Path) -> PathBuf {
-    let src = dir.join("stand_in.rs");
-    let bin = dir.join("stand-in-agent");
-    fs::write(&src, STATIC_STAND_IN).unwrap();
-    run(Command::new("rustc")
-        .args([
-            "--edition",
-            "2021",
-            "--target",
-            "x86_64-unknown-linux-musl",
-            "-C",
-            "opt-level=1",
-            "-o",
-        ])
-        .arg(&bin)
-        .arg(&src));
-    bin
-}
-
 /// Boots `image` with kiln's kernel under QEMU TCG and `init=/kiln/guest-init`; returns the
 /// console and the boot-to-exit time.
 fn boot_under_tcg(image: &Path, root_opts: &str, init_args: &str) -> (String, std::time::Duration) {
@@ -522,65 +369,6 @@ fn boot_under_tcg(image: &Path, root_opts: &str, init_args: &str) -> (String, st
         out.status
     );
     (console, elapsed)
-}
-
-/// Debian minbase from debootstrap (needs deb.debian.org; about 90 s the first time, then cached
-/// in target/rootfs-tests/debian-minbase): ext4 and EROFS images are built, checked, booted under
-/// QEMU TCG and run `apt --version` in `/rootfs`. Run with `cargo test -- --ignored`.
-#[test]
-#[ignore = "slow: debootstrap downloads a Debian minbase the first time"]
-fn rootfs_debian_minbase() {
-    let base = kiln_tests::workspace_root().join("target/rootfs-tests");
-    let rootfs = base.join("debian-minbase");
-    if !rootfs.join("usr/bin/apt").exists() {
-        let partial = base.join("debian-minbase.partial");
-        let _ = fs::remove_dir_all(&partial);
-        fs::create_dir_all(&base).unwrap();
-        run(Command::new("debootstrap")
-            .args(["--variant=minbase", "bookworm"])
-            .arg(&partial)
-            .arg("http://deb.debian.org/debian"));
-        fs::rename(&partial, &rootfs).unwrap();
-    }
-    let dir = scratch("debian-out");
-    let agent = static_stand_in(&dir);
-    for (format, root_opts) in [(Format::Ext4, "rw"), (Format::Erofs, "ro rootfstype=erofs")] {
-        let out = dir.join(format!("debian.{}", format.extension()));
-        let mut o = agent_opts(&rootfs, &out);
-        o.layout = Layout::Agent {
-            guest_init: agent.clone(),
-        };
-        o.format = format;
-        let t = Instant::now();
-        let built = build_image(&o).unwrap();
-        let elapsed = t.elapsed();
-        let du = run(Command::new("du").arg("-k").arg(&out));
-        let used = du.split_whitespace().next().unwrap_or("?").to_string();
-        match format {
-            Format::Ext4 => {
-                check_ext4(&out);
-                assert!(debugfs(&out, "ls /rootfs/usr/bin").contains("apt"));
-            }
-            Format::Erofs => {
-                run(Command::new("fsck.erofs").arg(&out));
-            }
-        }
-        let (console, boot) =
-            boot_under_tcg(&out, root_opts, "KILN_CMD=\"/usr/bin/apt --version\"");
-        assert!(
-            console.contains("KILN-CMD-OUT apt "),
-            "{format:?}: apt did not run\n{console}"
-        );
-        assert!(
-            console.contains("KILN-CMD-STATUS 0"),
-            "{format:?}\n{console}"
-        );
-        eprintln!(
-            "debian minbase {format:?}: {} bytes ({used} KiB allocated), built in {elapsed:?}, \
-             boot + apt --version + panic exit under QEMU TCG {boot:?}",
-            built.size
-        );
-    }
 }
 
 /// Unmounts on drop, so a failed assertion does not leave a loop mount behind.
