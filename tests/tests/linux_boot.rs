@@ -370,7 +370,7 @@ fn linux_boots_under_host_vmm() {
 
     // PVM: an unmodified kernel is instruction-emulated in kernel mode and cannot run
     // userspace (its first SYSCALL faults), so stop once /init has been started. Measured here
-    // on a loaded 2-core host: /init after 5-7 minutes (kernel-config/README.md).
+    // on a loaded 2-core host: /init after about 80 s (kernel-config/README.md).
     let run = run_vm(vmm, Duration::from_secs(900), &watch, Some(init));
     report("host-vmm (PVM)", &run);
     eprintln!(
