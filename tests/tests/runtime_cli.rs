@@ -251,7 +251,7 @@ fn runtime_cli_run_exit_codes_output_and_force_delete() {
         .run(&["run", "--detach", "--bundle", b4.to_str().unwrap(), "r4"])
         .status
         .success());
-    assert_eq!(backend_of(&k, "r4").is_empty(), false);
+    assert!(!backend_of(&k, "r4").is_empty());
     assert!(!processes_mentioning(k.root.join("r4").to_str().unwrap()).is_empty());
     assert!(k.run(&["delete", "--force", "r4"]).status.success());
     assert!(!k.root.join("r4").exists());
@@ -314,17 +314,10 @@ fn runtime_cli_terminal_over_console_socket() {
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&master);
     // SAFETY: TIOCSWINSZ reads one winsize from a live local.
-    assert_eq!(
-        unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&master),
-                libc::TIOCSWINSZ,
-                &ws,
-            )
-        },
-        0
-    );
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
+    assert_eq!(rc, 0);
     std::thread::sleep(Duration::from_millis(500));
     assert!(k.run(&["start", "t1"]).status.success());
     let mut w = master.try_clone().unwrap();

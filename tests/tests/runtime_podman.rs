@@ -1,5 +1,5 @@
-//! Podman 4.3 as a real client of `kiln`: `run --rm` with exit codes, `run -d` + `exec` + `logs`
-//! + `stop` + `rm`, `--memory` enforced in the guest, env and workdir, and a terminal (`-t`).
+//! Podman 4.3 as a real client of `kiln`: `run --rm` with exit codes, `run -d`, `exec`, `logs`,
+//! `stop` and `rm`, `--memory` enforced in the guest, env and workdir, and a terminal (`-t`).
 //! No registry: a busybox-static rootfs is `podman import`ed. Podman gets an isolated
 //! `--root`/`--runroot` and a containers.conf (cgroupfs, file events, nofile within the host's
 //! limit, no network) through `CONTAINERS_CONF`; kiln is reached through a wrapper script that
