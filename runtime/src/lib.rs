@@ -8,6 +8,7 @@
 //! - [`sandbox`]: the VM of one container (backend choice, launch, agent connection, kill).
 //! - [`shim`]: the per-container shim and the exec shim (stdio relay, exit codes).
 //! - [`console`]: host ptys and `--console-socket`.
+//! - [`hooks`]: OCI hooks that run on the host.
 //! - [`config`], [`logging`], [`signals`]: runtime config, runc-style logs, signal names.
 //! - [`vm`]: launching agent microVMs (host-vmm or QEMU microvm), shared with tests and benchmarks.
 
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod console;
+pub mod hooks;
 pub mod image;
 pub mod logging;
 pub mod sandbox;

@@ -214,12 +214,36 @@ fn runtime_cli_run_exit_codes_output_and_force_delete() {
     }
     let k = Kiln::new("rt-run");
     let b = k.bundle("b", &["sh", "-c", "echo hello from $(hostname); exit 3"]);
+    // Host hooks get the state JSON on stdin.
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+    let hook = |stage: &str| {
+        let out = k.scratch.path().join(format!("hook-{stage}.json"));
+        serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", out.display())]}])
+    };
+    spec["hooks"] = serde_json::json!({
+        "createRuntime": hook("createRuntime"),
+        "poststart": hook("poststart"),
+        "poststop": hook("poststop"),
+    });
+    std::fs::write(b.join("config.json"), spec.to_string()).unwrap();
     let started = Instant::now();
     let o = k.run(&["run", "--bundle", b.to_str().unwrap(), "r1"]);
     eprintln!("kiln run took {:?}", started.elapsed());
     assert_eq!(o.status.code(), Some(3));
     assert_eq!(stdout(&o), "hello from kiln-test\n");
     assert!(!k.root.join("r1").exists(), "run removes the container");
+    for (stage, status) in [
+        ("createRuntime", "created"),
+        ("poststart", "running"),
+        ("poststop", "stopped"),
+    ] {
+        let path = k.scratch.path().join(format!("hook-{stage}.json"));
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect(stage)).unwrap();
+        assert_eq!(state["id"], "r1", "{stage}");
+        assert_eq!(state["status"], status, "{stage}");
+    }
 
     // Killed by a signal: 128 + signal, like a shell.
     let b2 = k.bundle("b2", &["sleep", "1000"]);

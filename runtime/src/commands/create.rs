@@ -35,6 +35,7 @@ pub fn create(ctx: &Context, args: &CreateArgs, own_terminal: bool) -> Result<Ch
     }
     let bundle = Bundle::load(&args.bundle)?;
     let spec = bundle.container_spec()?;
+    crate::hooks::check(&bundle.spec)?;
     if spec.process.terminal && args.console_socket.is_none() && !own_terminal {
         return Err(CommandError::Usage(
             "cannot allocate tty if kiln will detach without setting console socket".into(),
@@ -107,7 +108,17 @@ pub fn create(ctx: &Context, args: &CreateArgs, own_terminal: bool) -> Result<Ch
         })?;
         std::fs::write(&path, json).map_err(|e| CommandError::io(&path, "write", e))?;
         let shim_started = Instant::now();
-        let child = ctx.spawn_helper(&["shim", "--id", &args.id])?;
+        let mut child = ctx.spawn_helper(&["shim", "--id", &args.id])?;
+        let state = ctx.store.load(&args.id)?;
+        if let Err(e) = crate::hooks::run(
+            &bundle.spec,
+            crate::hooks::Stage::CreateRuntime,
+            &state.oci_state(),
+        ) {
+            super::delete::kill_processes(&state);
+            let _ = child.wait();
+            return Err(e.into());
+        }
         log::info!(
             "timing {}: shim ready (VM booted, agent up, process created) {} ms, create total {} ms",
             args.id,

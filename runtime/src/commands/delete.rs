@@ -41,6 +41,14 @@ pub fn run(ctx: &Context, args: &DeleteArgs) -> Result<i32, CommandError> {
             }
         }
         kill_processes(state);
+        if let Ok(bundle) = crate::bundle::Bundle::load(&state.bundle) {
+            let mut oci = state.oci_state();
+            oci["status"] = "stopped".into();
+            oci["pid"] = 0.into();
+            if let Err(e) = crate::hooks::run(&bundle.spec, crate::hooks::Stage::Poststop, &oci) {
+                log::warn!("{}", kiln_protocol::error_chain(&e));
+            }
+        }
         // A VM directory outside the state directory (long --root paths).
         if let Some(vm_dir) = state.vsock_uds.as_ref().and_then(|u| u.parent()) {
             if !vm_dir.starts_with(ctx.store.dir(&args.id)) {

@@ -56,6 +56,9 @@ pub enum CommandError {
     /// Signal name.
     #[error(transparent)]
     Signal(#[from] SignalError),
+    /// OCI hooks.
+    #[error(transparent)]
+    Hook(#[from] crate::hooks::HookError),
     /// A call to the agent failed.
     #[error("{0}")]
     Agent(String, #[source] kiln_protocol::ClientError),

@@ -36,5 +36,14 @@ pub fn run(ctx: &Context, id: &str) -> Result<i32, CommandError> {
         .map_err(|e| CommandError::Agent("the agent could not start the container".into(), e))?;
     state.status = Status::Running;
     ctx.store.save(&state)?;
+    if let Ok(bundle) = crate::bundle::Bundle::load(&state.bundle) {
+        if let Err(e) = crate::hooks::run(
+            &bundle.spec,
+            crate::hooks::Stage::Poststart,
+            &state.oci_state(),
+        ) {
+            log::warn!("{}", kiln_protocol::error_chain(&e));
+        }
+    }
     Ok(0)
 }
