@@ -257,6 +257,32 @@ fn runtime_cli_run_exit_codes_output_and_force_delete() {
     assert!(k.run(&["kill", "r2", "KILL"]).status.success());
     assert_eq!(attached.wait().unwrap().code(), Some(137));
 
+    // Signals sent to an attached `kiln run` reach the container.
+    let b5 = k.bundle(
+        "b5",
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 9' TERM; while true; do sleep 0.2; done",
+        ],
+    );
+    let attached = k
+        .cmd(&["run", "--bundle", b5.to_str().unwrap(), "r5"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(k.wait_status("r5", "running", Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(
+        unsafe { libc::kill(attached.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let o = attached.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(9));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "got-term\n");
+
     // stdin reaches the container.
     let b3 = k.bundle("b3", &["sh", "-c", "read line; echo got $line"]);
     let mut child = k
