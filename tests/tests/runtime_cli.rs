@@ -274,11 +274,10 @@ fn runtime_cli_run_exit_codes_output_and_force_delete() {
         .unwrap();
     assert!(k.wait_status("r5", "running", Duration::from_secs(60)));
     std::thread::sleep(Duration::from_millis(500));
+    let pid = attached.id() as i32;
     // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(
-        unsafe { libc::kill(attached.id() as i32, libc::SIGTERM) },
-        0
-    );
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0);
     let o = attached.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(9));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "got-term\n");
