@@ -23,7 +23,7 @@ pub fn run(ctx: &Context) -> Result<i32, CommandError> {
     let features = serde_json::json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.0.2",
-        "hooks": [],
+        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
         "mountOptions": ["ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec",
             "relatime", "norelatime", "strictatime", "nostrictatime", "noatime", "atime",
             "bind", "rbind", "private", "rprivate", "shared", "rshared", "slave", "rslave"],
