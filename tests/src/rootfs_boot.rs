@@ -161,7 +161,7 @@ pub fn podman_images() -> &'static PodmanImages {
 }
 
 /// A Debian minbase tree made by `debootstrap --variant=minbase` from [`DEBIAN_MIRROR`], cached
-/// in `target/rootfs-tests/debian-minbase` (about 90 s and 206 MiB the first time). A build
+/// in `target/rootfs-tests/debian-minbase` (206 MiB; about a minute the first time). A build
 /// goes to a per-process `.partial` directory renamed into place, so concurrent first runs
 /// never see half a tree.
 pub fn debian_minbase() -> Result<PathBuf> {
@@ -175,7 +175,7 @@ pub fn debian_minbase() -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&partial);
     eprintln!(
         "rootfs-boot: debootstrap --variant=minbase {DEBIAN_SUITE} from {DEBIAN_MIRROR} \
-         (first run only, about 90 s)"
+         (first run only, about a minute)"
     );
     let out = Command::new("debootstrap")
         .args(["--variant=minbase", DEBIAN_SUITE])
