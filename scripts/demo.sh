@@ -37,14 +37,13 @@ mkdir -p "$WORK/busybox/bin" "$WORK/busybox/etc"
 cp /bin/busybox "$WORK/busybox/bin/busybox"
 for a in $(/bin/busybox --list); do ln -sf busybox "$WORK/busybox/bin/$a"; done
 echo "root:x:0:0:root:/root:/bin/sh" > "$WORK/busybox/etc/passwd"
-t0=$(ms)
-"$REL/rootfs-builder" bundle --image "$WORK/busybox" --out "$WORK/bundle" \
-  --guest-init "$GUEST_INIT" >/dev/null
-echo "bundle with a block image built in $(elapsed "$t0")"
-
 if [ $# -eq 0 ]; then
   set -- /bin/sh -c 'echo "hello from a kiln microVM: $(uname -sr), $(nproc) vCPU, pid $$"; echo "hostname: $(hostname)"; exit 0'
 fi
+t0=$(ms)
+"$REL/rootfs-builder" bundle --image "$WORK/busybox" --out "$WORK/bundle" \
+  --guest-init "$GUEST_INIT" -- "$@" >/dev/null
+echo "bundle with a block image built in $(elapsed "$t0")"
 python3 - "$WORK/bundle/config.json" "$@" <<'PY'
 import json, sys
 path, args = sys.argv[1], sys.argv[2:]
