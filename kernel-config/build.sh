@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Build kiln's guest kernel (vmlinux) from Debian's linux-source-6.1 and cache it outside the repo.
 #
-# Usage: kernel-config/build.sh [--print-path] [--verbose]
+# Usage: kernel-config/build.sh [--print-path] [--verbose] [--flavour default|pvm]
 #   (no flag)     build if needed, then print the cached vmlinux path (progress on stderr)
 #   --print-path  print only the path on stdout (building first if needed)
 #   --verbose     stream the build output instead of writing it only to the log file
+#   --flavour F   default (patches/) or pvm (patches/ then patches-pvm/: for PVM hosts)
 #
-# Cache: ${KILN_KERNEL_CACHE:-/var/cache/kiln/kernel}/<key>/vmlinux, where <key> is the sha256 of
+# Cache: ${KILN_KERNEL_CACHE:-/var/cache/kiln/kernel}/<key>/vmlinux (pvm flavour: .../pvm/<key>/),
+# where <key> is the sha256 of
 # the recipe version below, the Debian source package version, kiln.config and every
-# patches/*.patch (applied in name order). A cached key is returned without touching the build.
+# patches/*.patch (applied in name order); for the pvm flavour also the flavour name and every
+# patches-pvm/*.patch (applied after patches/). A cached key is returned without touching the build.
 # Builds hold a flock on the cache root and publish with an atomic rename, so concurrent callers
 # either wait for the one build or find its result.
 # The source tree and the kbuild object directory live in <cache>/build/ and are reused across
@@ -29,14 +32,25 @@ main() {
 
     print_only=0
     verbose=0
-    for arg in "$@"; do
-        case "$arg" in
+    flavour=default
+    args=("$@")
+    while (($#)); do
+        case "$1" in
             --print-path) print_only=1 ;;
             --verbose) verbose=1 ;;
-            -h|--help) sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-            *) echo "build.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+            --flavour)
+                [[ $# -ge 2 ]] || { echo "build.sh: --flavour needs a value (default|pvm)" >&2; exit 2; }
+                flavour="$2"; shift ;;
+            --flavour=*) flavour="${1#--flavour=}" ;;
+            -h|--help) sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            *) echo "build.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
         esac
+        shift
     done
+    case "$flavour" in
+        default|pvm) ;;
+        *) echo "build.sh: unknown flavour '$flavour' (default|pvm)" >&2; exit 2 ;;
+    esac
 
     say() { echo "kiln-kernel: $*" >&2; }
     die() { echo "kiln-kernel: error: $*" >&2; exit 1; }
@@ -63,9 +77,12 @@ main() {
     # --- cache key -------------------------------------------------------------------------------
     shopt -s nullglob
     patches=("$HERE"/patches/*.patch)
+    [[ "$flavour" == default ]] || patches+=("$HERE"/patches-"$flavour"/*.patch)
     shopt -u nullglob
     hash_inputs() {
         printf 'recipe=%s\nsource=%s %s\n' "$RECIPE_VERSION" "$SRC_PKG" "$src_version"
+        # (no line for the default flavour: its keys stay what they were before flavours existed)
+        [[ "$flavour" == default ]] || printf 'flavour=%s\n' "$flavour"
         printf '== kiln.config\n'; cat "$FRAGMENT"
         local p
         for p in "${patches[@]}"; do printf '== patch %s\n' "$(basename "$p")"; cat "$p"; done
@@ -75,7 +92,11 @@ main() {
     # switched in place (see below) so that changing a patch recompiles only the files it touches.
     src_key="$(printf 'recipe=%s\nsource=%s\n' "$RECIPE_VERSION" "$src_version" \
         | sha256sum | cut -c1-16)"
-    out="$CACHE_ROOT/$key/vmlinux"
+    # Other flavours live one level down, so that "the newest <cache>/*/vmlinux" (what the runtime
+    # falls back to) stays a default-flavour kernel.
+    out_dir="$CACHE_ROOT/$key"
+    [[ "$flavour" == default ]] || out_dir="$CACHE_ROOT/$flavour/$key"
+    out="$out_dir/vmlinux"
 
     finish() {
         if ((print_only)); then echo "$out"; else say "vmlinux: $out"; echo "$out"; fi
@@ -140,7 +161,7 @@ main() {
                 # The tree is in an unknown state: start again from the tarball.
                 say "cannot revert $(basename "${applied[i]}"); re-extracting the source"
                 rm -rf "$src" "$obj"
-                exec "${BASH_SOURCE[0]}" "$@"
+                exec "${BASH_SOURCE[0]}" "${args[@]}"
             fi
             rm -f "${applied[i]}"
         done
@@ -184,8 +205,9 @@ main() {
     cp "$obj/vmlinux" "$tmp_out/vmlinux"
     cp "$obj/.config" "$tmp_out/config"
     cp "$log" "$tmp_out/build.log"
-    rm -rf "$CACHE_ROOT/$key" # a partial directory without vmlinux can only come from a crash
-    mv -T "$tmp_out" "$CACHE_ROOT/$key"
+    rm -rf "$out_dir" # a partial directory without vmlinux can only come from a crash
+    mkdir -p "$(dirname "$out_dir")"
+    mv -T "$tmp_out" "$out_dir"
     say "built in $(( $(date +%s) - start )) s, $(stat -c %s "$out") bytes"
     finish
 }
