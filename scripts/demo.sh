@@ -35,7 +35,7 @@ grep -h 'boot-timer' "$WORK/host-vmm.log" || true
 say "rootfs-builder packs a busybox container image with guest-init"
 mkdir -p "$WORK/busybox/bin" "$WORK/busybox/etc"
 cp /bin/busybox "$WORK/busybox/bin/busybox"
-for a in $(/bin/busybox --list); do ln -sf busybox "$WORK/busybox/bin/$a"; done
+for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$WORK/busybox/bin/$a"; done
 echo "root:x:0:0:root:/root:/bin/sh" > "$WORK/busybox/etc/passwd"
 if [ $# -eq 0 ]; then
   set -- /bin/sh -c 'echo "hello from a kiln microVM: $(uname -sr), $(nproc) vCPU, pid $$"; echo "hostname: $(hostname)"; exit 0'
