@@ -18,21 +18,36 @@ use crate::workspace_root;
 /// error output.
 pub fn vmlinux() -> PathBuf {
     static VMLINUX: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    match VMLINUX.get_or_init(build) {
+    match VMLINUX.get_or_init(|| build("default")) {
         Ok(path) => path.clone(),
         Err(why) => panic!("kiln guest kernel unavailable: {why}"),
     }
 }
 
-fn build() -> Result<PathBuf, String> {
+/// Path of the PVM flavour of kiln's guest `vmlinux` (`build.sh --flavour pvm`: the default
+/// kernel plus `kernel-config/patches-pvm/`, for hosts whose `/dev/kvm` is PVM), building it
+/// first if needed.
+///
+/// # Panics
+/// When the build fails, like [`vmlinux`].
+pub fn vmlinux_pvm() -> PathBuf {
+    static VMLINUX_PVM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match VMLINUX_PVM.get_or_init(|| build("pvm")) {
+        Ok(path) => path.clone(),
+        Err(why) => panic!("kiln guest kernel (pvm flavour) unavailable: {why}"),
+    }
+}
+
+fn build(flavour: &str) -> Result<PathBuf, String> {
     let script = workspace_root().join("kernel-config/build.sh");
     eprintln!(
-        "kiln-tests: {} --print-path (instant when cached, minutes otherwise)",
+        "kiln-tests: {} --print-path --flavour {flavour} (instant when cached, minutes otherwise)",
         script.display()
     );
     let out = Command::new("bash")
         .arg(&script)
         .arg("--print-path")
+        .args(["--flavour", flavour])
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
