@@ -437,24 +437,40 @@ impl Agent {
                 return Err(e);
             }
         };
-        codec::write_frame(&mut conn, &AgentMessage::AttachOk)
-            .map_err(|e| err(ErrorKind::Io, format!("sending AttachOk: {e}")))?;
-        // From here on the connection carries raw bytes: a late failure just closes it.
+        // The stream itself sends AttachOk under its own lock (a concurrent second attach of the
+        // same stream passes the check above too, but only one of them is told OK); a refusal
+        // gets an Error frame on this duplicate of the connection.
+        let reply = conn
+            .try_clone()
+            .map_err(|e| err(ErrorKind::Io, format!("dup of connection: {e}")))?;
+        let greet = |c: &mut File| {
+            codec::write_frame(c, &AgentMessage::AttachOk)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        };
         let attach_err = |e: crate::stdio::AttachError| {
             err(ErrorKind::InvalidState, format!("{:?}: {e}", a.stream))
         };
-        match (stdin, output) {
-            (Some(stdin), None) => stdin.attach(conn).map_err(attach_err),
-            (None, Some(output)) => output.attach(conn).map_err(attach_err),
+        let attached = match (stdin, output) {
+            (Some(stdin), None) => stdin.attach_greeted(conn, greet),
+            (None, Some(output)) => output.attach_greeted(conn, greet),
             (Some(stdin), Some(output)) => {
                 let input = conn
                     .try_clone()
                     .map_err(|e| err(ErrorKind::Io, format!("dup of connection: {e}")))?;
-                output.attach(conn).map_err(attach_err)?;
-                stdin.attach(input).map_err(attach_err)
+                match output.attach_greeted(conn, greet) {
+                    // Raw bytes flow after AttachOk: a late stdin failure just closes it.
+                    Ok(()) => return stdin.attach(input).map_err(attach_err),
+                    Err(e) => Err(e),
+                }
             }
-            (None, None) => Ok(()),
-        }
+            (None, None) => greet(&mut { conn }).map_err(crate::stdio::AttachError::Greeting),
+        };
+        attached.map_err(|e| {
+            let e = attach_err(e);
+            let mut reply = reply;
+            let _ = codec::write_frame(&mut reply, &AgentMessage::Error(e.clone()));
+            e
+        })
     }
 
     /// The stdin slot and/or output stream an Attach names.

@@ -26,6 +26,9 @@ pub enum AttachError {
     /// Someone already attached to this stream.
     #[error("stream already attached")]
     AlreadyAttached,
+    /// Writing the `AttachOk` frame to the new connection failed.
+    #[error("sending AttachOk: {0}")]
+    Greeting(#[source] std::io::Error),
     /// Stdin was already closed.
     #[error("stdin already closed")]
     Closed,
@@ -210,11 +213,23 @@ impl OutStream {
 
     /// Attaches a connection. Output kept so far is written to it first, by the caller (so this
     /// blocks until the peer has taken it).
+    #[cfg(test)]
     pub fn attach(&self, conn: File) -> Result<(), AttachError> {
+        self.attach_greeted(conn, |_| Ok(()))
+    }
+
+    /// Like `attach`, but first writes `greet` (the `AttachOk` frame) to `conn`
+    /// while the stream is still locked, so a racing second attach can never be told OK too.
+    pub fn attach_greeted(
+        &self,
+        mut conn: File,
+        greet: impl FnOnce(&mut File) -> std::io::Result<()>,
+    ) -> Result<(), AttachError> {
         let mut st = lock(&self.state);
         if !matches!(st.sink, Sink::Unattached) {
             return Err(AttachError::AlreadyAttached);
         }
+        greet(&mut conn).map_err(AttachError::Greeting)?;
         if st.eof {
             st.sink = Sink::Closed;
             let pending = std::mem::take(&mut st.pending);
@@ -265,7 +280,17 @@ impl StdinSlot {
     }
 
     /// Starts copying `conn` into stdin on a new thread.
-    pub fn attach(self: &Arc<Self>, mut conn: File) -> Result<(), AttachError> {
+    pub fn attach(self: &Arc<Self>, conn: File) -> Result<(), AttachError> {
+        self.attach_greeted(conn, |_| Ok(()))
+    }
+
+    /// Like [`StdinSlot::attach`], but first writes `greet` (the `AttachOk` frame) to `conn`
+    /// while the slot is still locked, so a racing second attach can never be told OK too.
+    pub fn attach_greeted(
+        self: &Arc<Self>,
+        mut conn: File,
+        greet: impl FnOnce(&mut File) -> std::io::Result<()>,
+    ) -> Result<(), AttachError> {
         let mut st = lock(&self.state);
         if st.closed {
             return Err(AttachError::Closed);
@@ -273,6 +298,7 @@ impl StdinSlot {
         if st.attached {
             return Err(AttachError::AlreadyAttached);
         }
+        greet(&mut conn).map_err(AttachError::Greeting)?;
         let Some(mut target) = st.target.take() else {
             return Err(AttachError::Closed);
         };
