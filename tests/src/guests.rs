@@ -339,6 +339,96 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A host-vmm booting the PVH test guest in `kiln.test=<mode>`, its stdout read line by line and
+/// its stderr collected; killed and reaped on drop. For tests that talk to a guest while it runs.
+pub struct RunningVm {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl RunningVm {
+    /// How long [`RunningVm::wait_line`] waits for a line.
+    pub const WAIT: Duration = Duration::from_secs(60);
+
+    /// Starts host-vmm with `args` (before `--cmdline`) on the PVH guest.
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S], mode: &str) -> RunningVm {
+        use std::io::BufRead;
+        let mut child = Command::new(host_vmm())
+            .arg("--kernel")
+            .arg(guest(Guest::Pvh))
+            .args(args)
+            .arg("--cmdline")
+            .arg(format!("kiln.test={mode}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning host-vmm");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut err = child.stderr.take().expect("stderr");
+        let acc = stderr.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text);
+            acc.lock().unwrap().push_str(&text);
+        });
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line.trim_end_matches('\r').to_string());
+            }
+        });
+        RunningVm {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// The rest of the first stdout line starting with `prefix`; panics after [`Self::WAIT`].
+    pub fn wait_line(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + Self::WAIT;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.to_string();
+            }
+        }
+        panic!(
+            "no `{prefix}` line from the guest; stderr:\n{}",
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// The host-vmm process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the exit status (code, or 128 + signal as a shell shows it) and the stderr.
+    pub fn wait(&mut self) -> (i32, String) {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.child.wait().expect("wait");
+        std::thread::sleep(Duration::from_millis(100));
+        let code = status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        (code, self.stderr.lock().unwrap().clone())
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,19 +4,17 @@
 //! put there, and mounts only the jail's; the monitor forwards SIGTERM; a rootless run gets
 //! as far as opening /dev/kvm.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_tests::guests::{
-    boot_guest, fnv1a, guest, host_vmm, pattern_byte, pseudo_random, Guest, TempDir,
+    boot_guest, fnv1a, guest, host_vmm, pattern_byte, pseudo_random, Guest, RunningVm, TempDir,
 };
 use kiln_tests::require_kvm;
 
@@ -58,84 +56,6 @@ fn jail_args(jail: &Path) -> Vec<String> {
         "--jail-gid".into(),
         NOBODY.to_string(),
     ]
-}
-
-/// A running host-vmm with stdout read line by line and stderr collected.
-struct Running {
-    child: Child,
-    lines: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Running {
-    fn start(args: &[String], mode: &str) -> Running {
-        let mut child = Command::new(host_vmm())
-            .arg("--kernel")
-            .arg(guest(Guest::Pvh))
-            .args(args)
-            .arg("--cmdline")
-            .arg(format!("kiln.test={mode}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning host-vmm");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("stderr");
-        let acc = stderr.clone();
-        thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err.read_to_string(&mut text);
-            acc.lock().unwrap().push_str(&text);
-        });
-        let out = child.stdout.take().expect("stdout");
-        let (tx, lines) = channel();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line.trim_end_matches('\r').to_string());
-            }
-        });
-        Running {
-            child,
-            lines,
-            stderr,
-        }
-    }
-
-    fn wait_line(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return rest.to_string();
-            }
-        }
-        panic!(
-            "no `{prefix}` line from the guest; stderr:\n{}",
-            self.stderr.lock().unwrap()
-        );
-    }
-
-    /// Waits for the exit status (code, or 128 + signal as a shell shows it).
-    fn wait(&mut self) -> (i32, String) {
-        use std::os::unix::process::ExitStatusExt;
-        let status = self.child.wait().expect("wait");
-        thread::sleep(Duration::from_millis(100));
-        let code = status
-            .code()
-            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-        (code, self.stderr.lock().unwrap().clone())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The hybrid-vsock handshake on the device's socket.
@@ -224,7 +144,7 @@ fn vsock_both_ways_in_the_jail() {
     args.extend(jail_args(&jail));
 
     // Host -> guest.
-    let mut vm = Running::start(&args, "vsock-echo-server kiln.vsock.conns=1");
+    let mut vm = RunningVm::start(&args, "vsock-echo-server kiln.vsock.conns=1");
     assert_eq!(vm.wait_line("KILN-TEST vsock.listening="), "5000");
     let data = pseudo_random(1 << 20, 5);
     assert_eq!(echo(vsock_connect(&uds, 5000), &data), data);
@@ -239,7 +159,7 @@ fn vsock_both_ways_in_the_jail() {
         std::fs::Permissions::from_mode(0o777),
     )
     .expect("chmod listener");
-    let mut vm = Running::start(&args, "vsock-connect kiln.vsock.conns=1");
+    let mut vm = RunningVm::start(&args, "vsock-connect kiln.vsock.conns=1");
     let (stream, _) = listener.accept().expect("guest connection");
     stream.set_read_timeout(Some(WAIT)).expect("timeout");
     let data = pseudo_random(300_000, 6);
@@ -312,11 +232,11 @@ fn jailed_process_is_confined() {
         "2".into(),
     ];
     args.extend(jail_args(&jail));
-    let mut vm = Running::start(&args, "idle");
+    let mut vm = RunningVm::start(&args, "idle");
     // SAFETY: our duplicate, no longer needed once the child has started.
     unsafe { libc::close(leaked) };
     vm.wait_line("KILN-TEST marker");
-    let monitor = vm.child.id();
+    let monitor = vm.pid();
     let pid = only_child(monitor);
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     let status = std::fs::read_to_string(proc_dir.join("status")).expect("status");

@@ -4,90 +4,16 @@
 //! block and vsock guests without naming a single blocked call (the allow lists are complete
 //! for that work). The filters' contents are tested in `host-vmm/src/seccomp/tests.rs`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_tests::guests::{boot_guest, guest, host_vmm, pseudo_random, Guest, TempDir};
+use kiln_tests::guests::{boot_guest, pseudo_random, Guest, RunningVm, TempDir};
 use kiln_tests::require_kvm;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A host-vmm running the idle guest, stdout read line by line.
-struct Running {
-    child: Child,
-    lines: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Running {
-    fn start(extra: &[&str], mode: &str) -> Running {
-        let mut child = Command::new(host_vmm())
-            .arg("--kernel")
-            .arg(guest(Guest::Pvh))
-            .args(extra)
-            .arg("--cmdline")
-            .arg(format!("kiln.test={mode}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning host-vmm");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("stderr");
-        let acc = stderr.clone();
-        thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err.read_to_string(&mut text);
-            acc.lock().unwrap().push_str(&text);
-        });
-        let out = child.stdout.take().expect("stdout");
-        let (tx, lines) = channel();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line.trim_end_matches('\r').to_string());
-            }
-        });
-        Running {
-            child,
-            lines,
-            stderr,
-        }
-    }
-
-    fn wait_line(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return rest.to_string();
-            }
-        }
-        panic!(
-            "no `{prefix}` line from the guest; stderr:\n{}",
-            self.stderr.lock().unwrap()
-        );
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `(tid, comm, Seccomp, Seccomp_filters)` of every thread of `pid`.
 fn thread_filters(pid: u32) -> Vec<(String, String, String, String)> {
@@ -203,7 +129,7 @@ fn every_vmm_thread_has_one_filter() {
     let dir = TempDir::new("seccomp-threads");
     let img = disk(&dir);
     let uds = dir.path().join("v.sock");
-    let vm = Running::start(
+    let vm = RunningVm::start(
         &["--vcpus", "3", "--rootfs", s(&img), "--vsock-uds", s(&uds)],
         "idle",
     );
@@ -216,7 +142,7 @@ fn seccomp_off_installs_no_filter() {
     if !require_kvm("seccomp_off_installs_no_filter") {
         return;
     }
-    let vm = Running::start(&["--vcpus", "2", "--seccomp", "off"], "idle");
+    let vm = RunningVm::start(&["--vcpus", "2", "--seccomp", "off"], "idle");
     vm.wait_line("KILN-TEST marker");
     // Give the threads the time they would need to install a filter.
     thread::sleep(Duration::from_millis(200));
@@ -230,7 +156,7 @@ fn jailed_vmm_threads_and_monitor_have_one_filter_each() {
     }
     let dir = TempDir::new("seccomp-jail");
     let jail = dir.path().join("jail");
-    let vm = Running::start(
+    let vm = RunningVm::start(
         &[
             "--vcpus",
             "2",
@@ -271,7 +197,7 @@ fn log_mode_names_nothing_for_block_and_vsock_work() {
 
     // vsock: host-initiated echo through the guest, then the guest shuts down.
     let uds = dir.path().join("v.sock");
-    let mut vm = Running::start(
+    let mut vm = RunningVm::start(
         &["--vsock-uds", s(&uds), "--seccomp", "log"],
         "vsock-echo-server kiln.vsock.conns=1",
     );
@@ -299,9 +225,7 @@ fn log_mode_names_nothing_for_block_and_vsock_work() {
     stream.read_to_end(&mut back).expect("echo");
     writer.join().expect("writer");
     assert_eq!(back, data, "echoed bytes");
-    let status = vm.child.wait().expect("wait");
-    thread::sleep(Duration::from_millis(100));
-    let stderr = vm.stderr.lock().unwrap().clone();
-    assert!(status.success(), "{status:?}\n{stderr}");
+    let (code, stderr) = vm.wait();
+    assert_eq!(code, 0, "{stderr}");
     assert!(!stderr.contains("seccomp: blocked"), "{stderr}");
 }
