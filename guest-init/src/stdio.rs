@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Output kept for a stream nobody has attached to yet.
@@ -32,6 +32,9 @@ pub enum AttachError {
     /// Stdin was already closed.
     #[error("stdin already closed")]
     Closed,
+    /// Creating the eventfd that lets `CloseStdin` stop the copier failed.
+    #[error("creating the stdin cancel eventfd: {0}")]
+    Cancel(#[source] std::io::Error),
 }
 
 /// Shuts down one direction of a socket given as a file (ignoring errors: the peer may be gone).
@@ -248,8 +251,8 @@ struct StdinState {
     target: Option<File>,
     attached: bool,
     closed: bool,
-    /// A duplicate of the attached connection, to end its copier on CloseStdin.
-    conn: Option<File>,
+    /// An eventfd the attached copier polls beside its connection; `close` signals it.
+    cancel: Option<Arc<OwnedFd>>,
 }
 
 /// The process's stdin (pipe write end or pty master duplicate).
@@ -267,7 +270,7 @@ impl StdinSlot {
                 target: Some(File::from(target)),
                 attached: false,
                 closed: false,
-                conn: None,
+                cancel: None,
             }),
             pty,
         })
@@ -298,26 +301,27 @@ impl StdinSlot {
         if st.attached {
             return Err(AttachError::AlreadyAttached);
         }
+        let cancel = Arc::new(eventfd().map_err(AttachError::Cancel)?);
         greet(&mut conn).map_err(AttachError::Greeting)?;
         let Some(mut target) = st.target.take() else {
             return Err(AttachError::Closed);
         };
         st.attached = true;
-        st.conn = conn.try_clone().ok();
+        st.cancel = Some(cancel.clone());
         drop(st);
         let slot = self.clone();
         let spawned = std::thread::Builder::new()
             .name("stdin".into())
             .stack_size(64 * 1024)
             .spawn(move || {
-                let _ = std::io::copy(&mut conn, &mut target);
+                copy_until_cancelled(&mut conn, &mut target, &cancel);
                 if slot.pty {
                     let _ = target.write_all(&[4]);
                 }
                 drop(target);
                 let mut st = lock(&slot.state);
                 st.closed = true;
-                st.conn = None;
+                st.cancel = None;
             });
         if spawned.is_err() {
             lock(&self.state).closed = true;
@@ -334,8 +338,87 @@ impl StdinSlot {
                 let _ = target.write_all(&[4]);
             }
         }
-        if let Some(conn) = st.conn.take() {
-            shutdown(&conn, Shutdown::Read);
+        if let Some(cancel) = st.cancel.take() {
+            signal(&cancel);
+        }
+    }
+}
+
+fn eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; the result is checked before use.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn signal(efd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live local buffer to an eventfd we hold.
+    unsafe { libc::write(efd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
+/// Waits until `fd` is ready for `events` or `cancel` fires; false when cancelled or on error.
+fn wait_ready(fd: &File, events: libc::c_short, cancel: &OwnedFd) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: cancel.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a live array of two pollfd entries.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
+        }
+        if fds[1].revents != 0 {
+            return false;
+        }
+        if fds[0].revents != 0 {
+            return true;
+        }
+    }
+}
+
+/// Copies `conn` into `target` until the connection ends, a write fails, or `cancel` fires.
+/// It never blocks anywhere but in `poll`, so `CloseStdin` ends it however it is stuck (a
+/// blocked read or splice is not reliably woken by shutting the socket down). Writes are at
+/// most `PIPE_BUF` bytes after `POLLOUT`, which a pipe or pty takes without blocking.
+fn copy_until_cancelled(conn: &mut File, target: &mut File, cancel: &OwnedFd) {
+    let mut buf = [0u8; libc::PIPE_BUF];
+    loop {
+        if !wait_ready(conn, libc::POLLIN, cancel) {
+            return;
+        }
+        let n = match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let mut chunk = &buf[..n];
+        while !chunk.is_empty() {
+            if !wait_ready(target, libc::POLLOUT, cancel) {
+                return;
+            }
+            match target.write(chunk) {
+                Ok(0) => return,
+                Ok(w) => chunk = &chunk[w..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
         }
     }
 }
@@ -392,6 +475,12 @@ mod tests {
         w.write_all(b"late").unwrap();
         drop(w);
         assert_eq!(read_to_end(theirs), b"late");
+        // The connection ends just before the stream is marked done and `on_done` runs: wait
+        // (bounded) for that.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while done.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert!(s.is_done());
         assert_eq!(done.load(Ordering::SeqCst), 1);
         let (again, _) = UnixStream::pair().unwrap();
@@ -447,8 +536,16 @@ mod tests {
         reader.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"abc");
         slot.close();
-        let mut rest = Vec::new();
-        reader.read_to_end(&mut rest).unwrap();
+        // A bounded wait: a copier that ignores the close must fail the test, not hang it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut rest = Vec::new();
+            let _ = tx.send(reader.read_to_end(&mut rest).map(|_| rest));
+        });
+        let rest = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("stdin still open 10 s after close")
+            .unwrap();
         assert!(rest.is_empty());
         assert!(slot.is_taken());
     }
