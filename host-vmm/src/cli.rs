@@ -43,6 +43,15 @@ pub struct Cli {
     /// Root disk image, attached as /dev/vda (virtio-blk).
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
+    /// Extra disk after the rootfs (/dev/vdb, /dev/vdc, ... in order; at most 8):
+    /// `PATH[,ro][,serial=ID]`, `,,` for a comma in PATH. The guest can find it by its serial
+    /// (`/sys/block/vdX/serial`). Not with --jail.
+    #[arg(
+        long = "drive",
+        value_name = "PATH[,ro][,serial=ID]",
+        conflicts_with = "jail"
+    )]
+    pub drives: Vec<crate::devices::virtio::DriveConfig>,
     /// Guest memory in MiB.
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub mem_mib: u64,
@@ -100,6 +109,7 @@ impl Cli {
             kernel: self.kernel.clone(),
             rootfs: self.rootfs.clone(),
             read_only: self.read_only,
+            drives: self.drives.clone(),
             mem_mib: self.mem_mib,
             vcpus: self.vcpus,
             extra_cmdline: self.cmdline.clone(),
@@ -217,6 +227,33 @@ mod tests {
         );
         assert_eq!(c.extra_cmdline.as_deref(), Some("-- init=/x"));
         assert_eq!(c.boot_protocol, BootProtocolChoice::Linux64);
+    }
+
+    #[test]
+    fn drive_options() {
+        let c = parse(&["--kernel", "k"]).unwrap().vm_config();
+        assert!(c.drives.is_empty());
+        let c = parse(&[
+            "--kernel",
+            "k",
+            "--drive",
+            "a.img",
+            "--drive",
+            "b.img,ro,serial=data",
+        ])
+        .unwrap()
+        .vm_config();
+        assert_eq!(c.drives.len(), 2);
+        assert_eq!(
+            (c.drives[0].read_only, c.drives[1].read_only),
+            (false, true)
+        );
+        assert_eq!(c.drives[1].serial.as_deref(), Some("data"));
+        assert!(parse(&["--kernel", "k", "--drive", "a,bogus"]).is_err());
+        assert!(
+            parse(&["--kernel", "k", "--drive", "a", "--jail", "/j"]).is_err(),
+            "--drive is not bound into the jail"
+        );
     }
 
     #[test]

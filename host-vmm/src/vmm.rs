@@ -23,7 +23,8 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleOutput, SerialConsole};
 use crate::devices::virtio::{
-    Block, BlockError, MmioTransport, VirtioDevice, VirtioError, Vsock, VsockError, MMIO_LEN,
+    Block, BlockError, DriveConfig, MmioTransport, VirtioDevice, VirtioError, Vsock, VsockError,
+    MAX_DRIVES, MMIO_LEN,
 };
 use crate::event_loop::EventLoop;
 use crate::exit::{ExitHandle, VmOutcome};
@@ -50,6 +51,8 @@ pub struct VmConfig {
     pub rootfs: Option<PathBuf>,
     /// Open the rootfs read-only and mount it `ro`.
     pub read_only: bool,
+    /// Extra virtio-blk devices after the rootfs (`--drive`), in order.
+    pub drives: Vec<DriveConfig>,
     /// Guest RAM in MiB.
     pub mem_mib: u64,
     /// Number of vCPUs.
@@ -60,7 +63,7 @@ pub struct VmConfig {
     pub console: bool,
     /// Boot protocol selection.
     pub boot_protocol: BootProtocolChoice,
-    /// virtio-vsock device, attached after the block device.
+    /// virtio-vsock device, attached after the block devices.
     pub vsock: Option<VsockConfig>,
     /// Per-thread seccomp filters (`seccomp` module).
     pub seccomp: SeccompMode,
@@ -95,6 +98,9 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// More `--drive`s than [`MAX_DRIVES`].
+    #[error("{0} drives given: at most {MAX_DRIVES} --drive options are supported")]
+    TooManyDrives(usize),
     /// A file argument is a directory or similar.
     #[error("{what} {}: not a regular file or block device", path.display())]
     NotAFile {
@@ -201,6 +207,12 @@ impl VmConfig {
         check_file("kernel", &self.kernel)?;
         if let Some(rootfs) = &self.rootfs {
             check_file("rootfs", rootfs)?;
+        }
+        if self.drives.len() > MAX_DRIVES {
+            return Err(ConfigError::TooManyDrives(self.drives.len()));
+        }
+        for drive in &self.drives {
+            check_file("drive", &drive.path)?;
         }
         Ok(())
     }
@@ -332,6 +344,12 @@ pub fn run_vm_with(
         virtio.push(dev);
         mmio_args.push(arg);
     }
+    for drive in &config.drives {
+        let block = Block::with_serial(&drive.path, drive.read_only, drive.serial.as_deref())?;
+        let (dev, arg) = attach_virtio(&vm, &mem, &mut mmio, virtio.len(), Box::new(block))?;
+        virtio.push(dev);
+        mmio_args.push(arg);
+    }
     if let Some(vsock) = &config.vsock {
         let device = Vsock::new(vsock.cid, &vsock.uds)?;
         let (dev, arg) = attach_virtio(&vm, &mem, &mut mmio, virtio.len(), Box::new(device))?;
@@ -426,6 +444,7 @@ mod tests {
             kernel: kernel.to_owned(),
             rootfs: None,
             read_only: false,
+            drives: Vec::new(),
             mem_mib: 128,
             vcpus: 1,
             extra_cmdline: None,
@@ -469,5 +488,15 @@ mod tests {
         c.rootfs = Some(std::env::temp_dir());
         let e = c.validate_with_host_ram(4096).unwrap_err().to_string();
         assert!(e.ends_with("not a regular file or block device"), "{e}");
+
+        let mut c = config(&exe);
+        c.drives = vec!["/nonexistent/data.img,ro".parse().unwrap()];
+        let e = c.validate_with_host_ram(4096).unwrap_err().to_string();
+        assert_eq!(e, "drive /nonexistent/data.img");
+        c.drives = vec![format!("{}", exe.display()).parse().unwrap(); MAX_DRIVES + 1];
+        let e = c.validate_with_host_ram(4096).unwrap_err().to_string();
+        assert_eq!(e, "9 drives given: at most 8 --drive options are supported");
+        c.drives.truncate(MAX_DRIVES);
+        assert!(c.validate_with_host_ram(4096).is_ok());
     }
 }

@@ -277,3 +277,64 @@ fn blk_flush_reaches_the_disk() {
         "no fdatasync/fsync after a guest FLUSH; strace:\n{log}"
     );
 }
+
+/// `--drive`: a second virtio-blk device after the rootfs, with its own slot and IRQ on the
+/// command line, read-only and answering GET_ID with the serial given.
+#[test]
+fn blk_second_drive_reads_its_own_image() {
+    if !require_kvm("blk_second_drive_reads_its_own_image") {
+        return;
+    }
+    let dir = TempDir::new("blk-drive");
+    let root = image(&dir, &vec![0u8; (SECTORS * 512) as usize]);
+    let data_sectors = 48u64;
+    let data = pseudo_random((data_sectors * 512) as usize, 0x64726976);
+    let data_path = dir.path().join("data.img");
+    std::fs::write(&data_path, &data).expect("writing data.img");
+    let drive = format!("{},ro,serial=kiln-test-data", data_path.display());
+    let out = boot_guest(
+        Guest::Pvh,
+        "blk-read",
+        &[
+            "--rootfs",
+            root.to_str().expect("utf-8"),
+            "--drive",
+            &drive,
+            "--cmdline",
+            &format!("kiln.blk_index=1 kiln.sectors={data_sectors}"),
+        ],
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert!(out.get("blk.error").is_none(), "{}", out.describe());
+    assert_eq!(out.expect("virtio.devices"), "2", "{}", out.describe());
+    assert_eq!(out.expect("blk.index"), "1");
+    assert_eq!(out.expect("blk.capacity"), data_sectors.to_string());
+    assert_eq!(out.expect("blk.ro"), "1", "the drive was given with ro");
+    assert_eq!(out.expect("blk.read.status"), "0", "{}", out.describe());
+    assert_eq!(
+        out.expect("blk.read.fnv"),
+        format!("{:#018x}", fnv1a(&data)),
+        "the second device must read the second image"
+    );
+    assert_eq!(out.expect("blk.read.get_id"), "kiln-test-data");
+}
+
+/// A missing `--drive` file is one line naming it, before any VM exists.
+#[test]
+fn blk_missing_drive_is_one_line() {
+    let dir = TempDir::new("blk-drive-missing");
+    let root = image(&dir, &vec![0u8; 512]);
+    let missing = dir.path().join("nope.img");
+    let out = kiln_tests::guests::run_vmm([
+        "--kernel".to_string(),
+        kiln_tests::guests::guest(Guest::Pvh).display().to_string(),
+        "--rootfs".into(),
+        root.display().to_string(),
+        "--drive".into(),
+        format!("{},ro", missing.display()),
+    ]);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let want = format!("host-vmm: error: drive {}: No such file", missing.display());
+    assert!(out.stderr.contains(&want), "{}", out.describe());
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.describe());
+}

@@ -15,6 +15,7 @@
 //! | `blk-ro`       | a write to a read-only device must fail                              |
 //! | `blk-oob`      | reads past the capacity must fail                                    |
 //! | `blk-flush`    | FLUSH and GET_ID                                                     |
+//! | (all `blk-*`) | `kiln.blk_index=N` uses the N-th virtio-blk device (0: the first)      |
 //! | `reset`        | exit through the i8042 reset only                                    |
 //! | `vsock-*`      | virtio-vsock: echo, connect, sink, source, credit, rst (`vsock_modes`) |
 //! | `triple-fault` | crash on purpose (the VMM must report a guest crash)                 |

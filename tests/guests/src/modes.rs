@@ -105,7 +105,10 @@ fn bootinfo(boot: &BootInfo) {
 fn with_blk(boot: &BootInfo, f: fn(&BootInfo, &mut VirtioBlk) -> Result<(), BlkError>) {
     let devices = crate::virtio_blk::mmio_devices(boot).count();
     report!("virtio.devices={}", devices);
-    let mut dev = match VirtioBlk::find(boot) {
+    // `kiln.blk_index=N` picks the N-th block device (0 = the first, the rootfs).
+    let index = num_param(boot, "kiln.blk_index", 0) as usize;
+    report!("blk.index={}", index);
+    let mut dev = match VirtioBlk::find_nth(boot, index) {
         Ok(dev) => dev,
         Err(e) => {
             report!("blk.error={:?}", e);
@@ -167,6 +170,11 @@ fn blk_read(boot: &BootInfo, dev: &mut VirtioBlk) -> Result<(), BlkError> {
     report!("blk.read.status={}", worst);
     report!("blk.read.sectors={}", sectors);
     report!("blk.read.fnv={:#018x}", hash);
+    let (istatus, _) = dev.request(T_GET_ID, 0, &mut buf, 20)?;
+    let id = buf.get(..20).unwrap_or(&[]);
+    let end = id.iter().position(|&b| b == 0).unwrap_or(id.len());
+    report!("blk.read.get_id.status={}", istatus);
+    report!("blk.read.get_id={}", Text(id.get(..end).unwrap_or(&[])));
     Ok(())
 }
 

@@ -127,10 +127,21 @@ impl VirtioBlk {
 
     /// Finds the first virtio-blk device on the command line and initialises it.
     pub fn find(boot: &BootInfo) -> Result<VirtioBlk, BlkError> {
+        Self::find_nth(boot, 0)
+    }
+
+    /// Initialises the `index`-th (from 0) device on the command line that is a virtio-blk
+    /// device. Only one device may be in use at a time (the queue memory is shared).
+    pub fn find_nth(boot: &BootInfo, index: usize) -> Result<VirtioBlk, BlkError> {
         let mut last = BlkError::NoDevice;
+        let mut seen = 0;
         for base in mmio_devices(boot) {
             match Self::init(base) {
-                Ok(dev) => return Ok(dev),
+                Ok(dev) if seen == index => return Ok(dev),
+                Ok(dev) => {
+                    dev.w32(STATUS, 0);
+                    seen += 1;
+                }
                 Err(e) => last = e,
             }
         }

@@ -29,7 +29,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use block::{Block, BlockError};
+pub use block::{Block, BlockError, DriveConfig, DriveError, MAX_DRIVES};
 pub use mmio::{MmioTransport, MMIO_LEN};
 pub use vsock::{Vsock, VsockError};
 

@@ -7,6 +7,7 @@
 //! `--read-only` opens the image with `O_RDONLY` and offers VIRTIO_BLK_F_RO, so the image stays
 //! byte-identical whatever the guest sends.
 
+pub mod drive;
 pub mod request;
 #[cfg(test)]
 mod tests;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use virtio_queue::{QueueOwnedT, QueueT};
 
+pub use drive::{DriveConfig, DriveError, MAX_DRIVES};
 pub use request::{Disk, DiskBackend};
 
 use super::{
@@ -83,6 +85,16 @@ impl Block {
     /// Opens `path` (read-only when `read_only`) as the disk. A size that is not a multiple of
     /// 512 is rounded down (the tail is unreachable), as other VMMs do.
     pub fn new(path: &Path, read_only: bool) -> Result<Block, BlockError> {
+        Self::with_serial(path, read_only, None)
+    }
+
+    /// [`Block::new`] answering GET_ID with `serial` (at most 20 bytes are used) instead of an
+    /// ID derived from the file's device and inode numbers.
+    pub fn with_serial(
+        path: &Path,
+        read_only: bool,
+        serial: Option<&str>,
+    ) -> Result<Block, BlockError> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -111,7 +123,10 @@ impl Block {
                 size % request::SECTOR_SIZE
             );
         }
-        let id = disk_id(meta.dev(), meta.ino());
+        let id = match serial {
+            Some(serial) => drive::serial_id(serial),
+            None => disk_id(meta.dev(), meta.ino()),
+        };
         Ok(Self::with_disk(Disk::new(
             file,
             capacity_sectors,
