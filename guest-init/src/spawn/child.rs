@@ -90,12 +90,14 @@ pub enum Stage {
     CloseFds,
     /// `execve` of every candidate path.
     Exec,
+    /// Allocating the pty in the container's devpts (`/dev/ptmx`) and handing its master over.
+    Pty,
 }
 
 impl Stage {
     fn from_u16(v: u16) -> Option<Stage> {
         use Stage::*;
-        const ALL: [Stage; 27] = [
+        const ALL: [Stage; 28] = [
             Sync,
             Signals,
             CgroupNs,
@@ -123,6 +125,7 @@ impl Stage {
             NoNewPrivs,
             CloseFds,
             Exec,
+            Pty,
         ];
         ALL.iter().copied().find(|s| *s as u16 == v)
     }
@@ -157,6 +160,9 @@ impl Stage {
             Stage::NoNewPrivs => "setting no_new_privs",
             Stage::CloseFds => "closing descriptors",
             Stage::Exec => "executing",
+            Stage::Pty => {
+                "opening a pty from the container's /dev/ptmx (is devpts mounted on /dev/pts?)"
+            }
         }
     }
 }
@@ -680,6 +686,22 @@ fn prepare_process(plan: &ExecPlan, status_fd: RawFd) -> Step {
     let mut keep = [0, 1, 2, status_fd];
     keep.sort_unstable();
     close_all_except(&keep)
+}
+
+/// Allocates the process's pty from the container's `/dev/ptmx` (see [`crate::pty`]), sends the
+/// master to the agent on `socket` and puts the slave on `socket`'s descriptor number, where the
+/// plan's `Stdio::Pty` expects it.
+pub fn take_pty(socket: RawFd, size: Option<libc::winsize>) -> Step {
+    let slave = crate::pty::open_in_child(socket, size).map_err(|e| fail(Stage::Pty, 0, e))?;
+    // SAFETY: dup3 onto a descriptor we own (the socket, no longer needed); closes the socket.
+    let rc = unsafe { libc::dup3(slave, socket, libc::O_CLOEXEC) };
+    let e = errno();
+    // SAFETY: closes the original slave descriptor, now duplicated.
+    unsafe { libc::close(slave) };
+    if rc < 0 {
+        return Err(fail(Stage::Pty, 1, e));
+    }
+    Ok(())
 }
 
 /// Joins the namespaces in `fds` (already open in the parent) in order.

@@ -87,26 +87,46 @@ pub enum ParentIo {
     },
 }
 
+/// The agent's side before the child ran: pipes are ready at once, a pty master arrives on the
+/// socket once the child allocated it in the container's devpts ([`crate::pty`]).
+enum PendingIo {
+    Ready(ParentIo),
+    Pty { socket: OwnedFd },
+}
+
+/// A pty the child allocates in the container's devpts: it sends the master on `socket` (the
+/// child's end of the socketpair) and then puts the slave on that same descriptor number, which
+/// is what the plan's [`Stdio::Pty`] names.
+#[derive(Clone, Copy)]
+pub struct PtyRequest {
+    socket: RawFd,
+    size: Option<libc::winsize>,
+}
+
 /// Descriptors for a new process: the agent keeps `parent`, the child gets `child`.
 pub struct IoPair {
-    /// Agent side.
-    pub parent: ParentIo,
+    parent: PendingIo,
     child: Vec<OwnedFd>,
     stdio: Stdio,
+    pty: Option<PtyRequest>,
 }
 
 impl IoPair {
-    /// Pipes, or a pty of `size` when `terminal`.
+    /// Pipes, or (when `terminal`) a socketpair over which the child hands back the master of
+    /// the pty of `size` it allocates inside the container.
     pub fn new(terminal: bool, size: Option<kiln_protocol::TtySize>) -> Result<Self, SpawnError> {
         if terminal {
-            let (master, slave) = crate::pty::open(size).map_err(sys("opening a pty"))?;
-            let stdio = Stdio::Pty {
-                slave: slave.as_raw_fd(),
-            };
+            let (parent, child) =
+                crate::pty::socketpair().map_err(sys("socketpair for the pty"))?;
+            let raw = child.as_raw_fd();
             return Ok(IoPair {
-                parent: ParentIo::Pty { master },
-                child: vec![slave],
-                stdio,
+                parent: PendingIo::Pty { socket: parent },
+                child: vec![child],
+                stdio: Stdio::Pty { slave: raw },
+                pty: Some(PtyRequest {
+                    socket: raw,
+                    size: size.map(crate::pty::winsize),
+                }),
             });
         }
         let (in_r, in_w) = pipe()?;
@@ -118,14 +138,27 @@ impl IoPair {
             stderr: err_w.as_raw_fd(),
         };
         Ok(IoPair {
-            parent: ParentIo::Pipes {
+            parent: PendingIo::Ready(ParentIo::Pipes {
                 stdin: in_w,
                 stdout: out_r,
                 stderr: err_r,
-            },
+            }),
             child: vec![in_r, out_w, err_w],
             stdio,
+            pty: None,
         })
+    }
+}
+
+impl PendingIo {
+    /// The agent's descriptors, once the child reported past its pty allocation.
+    fn finish(self) -> Result<ParentIo, SpawnError> {
+        match self {
+            PendingIo::Ready(io) => Ok(io),
+            PendingIo::Pty { socket } => crate::pty::recv_master(&socket)
+                .map(|master| ParentIo::Pty { master })
+                .map_err(sys("receiving the pty master from the container")),
+        }
     }
 }
 
@@ -215,6 +248,7 @@ pub fn spawn_container_init(
             root,
             exec,
             ns,
+            io.pty,
             &keep,
             go_r.as_raw_fd(),
             status_w.as_raw_fd(),
@@ -237,14 +271,20 @@ pub fn spawn_container_init(
         return Err(e);
     }
     match read_status(&mut status) {
-        Ok(Some(StatusMsg::Ready)) => Ok((
-            InitHandle {
-                pid,
-                go: go_w,
-                status,
-            },
-            io.parent,
-        )),
+        Ok(Some(StatusMsg::Ready)) => match io.parent.finish() {
+            Ok(parent) => Ok((
+                InitHandle {
+                    pid,
+                    go: go_w,
+                    status,
+                },
+                parent,
+            )),
+            Err(e) => {
+                handle_kill(pid);
+                Err(e)
+            }
+        },
         Ok(Some(msg)) => {
             handle_kill(pid);
             Err(child_error(msg))
@@ -261,6 +301,7 @@ fn init_child(
     root: &RootPlan,
     exec: &ExecPlan,
     ns: NamespaceSet,
+    pty: Option<PtyRequest>,
     keep: &[RawFd],
     go: RawFd,
     status: RawFd,
@@ -279,6 +320,9 @@ fn init_child(
             }
         }
         child::setup_root(root)?;
+        if let Some(p) = pty {
+            child::take_pty(p.socket, p.size)?;
+        }
         child::send_status(status, StatusMsg::Ready);
         if !child::wait_byte(go)? {
             // SAFETY: removed before start; exit quietly.
@@ -340,7 +384,14 @@ pub fn spawn_exec(
     let helper = child::raw_clone(0)
         .map_err(|e| sys("clone of the exec helper")(std::io::Error::from_raw_os_error(e)))?;
     if helper == 0 {
-        exec_helper(exec, &ns_raw, &keep, go_r.as_raw_fd(), status_w.as_raw_fd());
+        exec_helper(
+            exec,
+            &ns_raw,
+            io.pty,
+            &keep,
+            go_r.as_raw_fd(),
+            status_w.as_raw_fd(),
+        );
     }
     register_helper(helper);
     drop(go_r);
@@ -352,6 +403,14 @@ pub fn spawn_exec(
         Some(msg) => return Err(child_error(msg)),
         None => return Err(SpawnError::Vanished("reporting the process id")),
     };
+    let parent = match io.parent.finish() {
+        Ok(parent) => parent,
+        Err(e) => {
+            // SAFETY: kill has no memory effects; the pid is our child (CLONE_PARENT).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            return Err(e);
+        }
+    };
     if let Err(e) = register(pid) {
         // SAFETY: kill has no memory effects; the pid is our child.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -360,12 +419,13 @@ pub fn spawn_exec(
     write_go(&go_w)?;
     drop(go_w);
     wait_exec(&mut status)?;
-    Ok((pid, io.parent))
+    Ok((pid, parent))
 }
 
 fn exec_helper(
     exec: &ExecPlan,
     ns: &[(RawFd, c_int)],
+    pty: Option<PtyRequest>,
     keep: &[RawFd],
     go: RawFd,
     status: RawFd,
@@ -373,6 +433,10 @@ fn exec_helper(
     let run = || -> Result<i32, child::Fail> {
         child::close_all_except(keep)?;
         child::join_namespaces(ns)?;
+        // In the container's mount namespace now: its /dev/ptmx is the container's devpts.
+        if let Some(p) = pty {
+            child::take_pty(p.socket, p.size)?;
+        }
         child::raw_clone(libc::CLONE_PARENT as c_ulong)
             .map_err(|e| child::Fail::new(child::Stage::Clone, e))
     };

@@ -496,11 +496,43 @@ pub fn case_env_hostname_user(t: &Target) {
     t.client.remove("en1", true).unwrap();
 }
 
-/// A terminal process: initial size, ResizeTty, input through the pty. Uses container `tt1`.
+/// Reads `pty` until `needle` shows up in what was read (20 s read timeout each).
+fn read_pty_until(pty: &mut UnixStream, seen: &mut Vec<u8>, needle: &str) {
+    pty.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(seen).contains(needle) {
+        let n = match pty.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => panic!("pty: {e}; got so far: {:?}", String::from_utf8_lossy(seen)),
+        };
+        assert!(n > 0, "pty closed early: {}", String::from_utf8_lossy(seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A terminal process: initial size, ResizeTty, input through the pty, and `tty` naming the
+/// container's own `/dev/pts/N` (the pty comes from the container's devpts), for an exec'd
+/// process and for a container's main process. Uses containers `tt1` and `tt2`.
 pub fn case_terminal(t: &Target) {
     let c = &t.client;
+    // The main process on a terminal: attached before start, as runc clients do.
+    let mut main = sh("tty; stty size; ls /dev/pts; echo main-done");
+    main.terminal = true;
+    main.console_size = Some(TtySize { rows: 33, cols: 77 });
+    c.create_container("tt2", spec(main, true)).unwrap();
+    let mut pty = t.attach("tt2", INIT_EXEC_ID, StdioStream::Pty);
+    c.start("tt2").unwrap();
+    let mut seen = Vec::new();
+    read_pty_until(&mut pty, &mut seen, "main-done");
+    let text = String::from_utf8_lossy(&seen).replace('\r', "");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first().copied(), Some("/dev/pts/0"), "{text}");
+    assert_eq!(lines.get(1).copied(), Some("33 77"), "{text}");
+    assert_eq!(c.wait("tt2", INIT_EXEC_ID).unwrap(), ExitStatus::Exited(0));
+    c.remove("tt2", true).unwrap();
+
     t.sleeper("tt1", true);
-    let mut p = sh("stty size; read line; stty size; echo got-$line");
+    let mut p = sh("tty; stty size; read line; stty size; echo got-$line");
     p.terminal = true;
     p.console_size = Some(TtySize {
         rows: 40,
@@ -547,6 +579,13 @@ pub fn case_terminal(t: &Target) {
     assert!(
         text.contains("50 120") && text.contains("got-hello"),
         "{text}"
+    );
+    // The exec'd process's pty is in the container's devpts too (the main one has none).
+    assert!(
+        text.lines()
+            .next()
+            .is_some_and(|l| l.trim() == "/dev/pts/0"),
+        "`tty` should name the container's /dev/pts/0: {text}"
     );
     assert_eq!(c.wait("tt1", "tty").unwrap(), ExitStatus::Exited(0));
     assert!(attach_stdio((t.connect)(), "tt1", "tty", StdioStream::Stdout).is_err());
