@@ -3,7 +3,8 @@
 //!
 //! Every string becomes a `CString` here, every path is checked (absolute, no `..` escaping the
 //! container root, symlinks resolved inside the root), every option is parsed. Nothing here touches
-//! the system except `lstat`/`readlink`/`stat` to resolve paths.
+//! the system except `lstat`/`readlink`/`stat` to resolve paths and reading `/sys/block/*/serial`
+//! to find a disk named by serial ([`disk`]).
 
 use std::collections::VecDeque;
 use std::ffi::{CString, OsStr};
@@ -14,6 +15,8 @@ use std::path::{Component, Path, PathBuf};
 use kiln_protocol::{ContainerSpec, MountSpec, NamespaceKind, ProcessSpec};
 use libc::{c_int, c_ulong};
 use thiserror::Error;
+
+pub mod disk;
 
 /// Why a spec cannot be turned into a plan (an `InvalidArgument` for the host).
 #[derive(Debug, Error)]
@@ -579,6 +582,17 @@ fn mount_step(
             !meta.is_dir(),
             remount,
             None,
+        )
+    } else if let Some(serial) = m.source.as_deref().and_then(disk::serial_in_source) {
+        // An extra virtio disk named by serial (a host directory packed by the runtime).
+        let (dev, fstype) = disk::resolve(serial, fstype).map_err(err)?;
+        let data = (!opts.data.is_empty()).then(|| opts.data.join(","));
+        (
+            Some(cpath("mount source", &dev)?),
+            Some(cstring("mount type", fstype)?),
+            false,
+            None,
+            data.map(|d| cstring("mount options", d)).transpose()?,
         )
     } else {
         let Some(fstype) = fstype else {
