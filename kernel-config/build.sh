@@ -8,6 +8,7 @@
 #   --flavour F   default (patches/) or pvm (patches/ then patches-pvm/: for PVM hosts)
 #
 # Cache: ${KILN_KERNEL_CACHE:-/var/cache/kiln/kernel}/<key>/vmlinux (pvm flavour: .../pvm/<key>/),
+# plus a stable link per flavour to the last one built or returned: <cache>/vmlinux, <cache>/pvm/vmlinux
 # where <key> is the sha256 of
 # the recipe version below, the Debian source package version, kiln.config and every
 # patches/*.patch (applied in name order); for the pvm flavour also the flavour name and every
@@ -92,13 +93,24 @@ main() {
     # switched in place (see below) so that changing a patch recompiles only the files it touches.
     src_key="$(printf 'recipe=%s\nsource=%s\n' "$RECIPE_VERSION" "$src_version" \
         | sha256sum | cut -c1-16)"
-    # Other flavours live one level down, so that "the newest <cache>/*/vmlinux" (what the runtime
-    # falls back to) stays a default-flavour kernel.
+    # Other flavours live one level down, each with its own stable link (see update_link).
     out_dir="$CACHE_ROOT/$key"
     [[ "$flavour" == default ]] || out_dir="$CACHE_ROOT/$flavour/$key"
     out="$out_dir/vmlinux"
 
+    # Stable link to the kernel this flavour last built or returned: <cache>/vmlinux and
+    # <cache>/pvm/vmlinux, what host-vmm's `--kernel auto` and the runtime resolve
+    # (host-vmm/src/kernel_pick.rs). Relative, replaced atomically; a cache we may not write
+    # (another user's) keeps its old link.
+    link="$(dirname "$out_dir")/vmlinux"
+    update_link() {
+        local tmp_link
+        tmp_link="$(dirname "$link")/.vmlinux-link.$$"
+        { ln -sfn "$key/vmlinux" "$tmp_link" && mv -Tf "$tmp_link" "$link"; } 2>/dev/null \
+            || { rm -f "$tmp_link" 2>/dev/null; say "note: cannot update $link"; }
+    }
     finish() {
+        update_link
         if ((print_only)); then echo "$out"; else say "vmlinux: $out"; echo "$out"; fi
         exit 0
     }

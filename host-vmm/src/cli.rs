@@ -37,8 +37,9 @@ pub enum BootProtocolArg {
 #[derive(Debug, Parser)]
 #[command(name = "host-vmm", version)]
 pub struct Cli {
-    /// Guest kernel: ELF vmlinux or bzImage.
-    #[arg(long, value_name = "PATH")]
+    /// Guest kernel: ELF vmlinux or bzImage, or `auto`: the installed kiln kernel of this host's
+    /// flavour (the PVM flavour on a PVM host), see `kernel_pick`.
+    #[arg(long, value_name = "PATH", default_value = crate::kernel_pick::AUTO)]
     pub kernel: PathBuf,
     /// Root disk image, attached as /dev/vda (virtio-blk).
     #[arg(long, value_name = "PATH")]
@@ -277,7 +278,11 @@ mod tests {
 
     #[test]
     fn parse_errors() {
-        assert!(parse(&[]).is_err(), "--kernel is required");
+        assert_eq!(
+            parse(&[]).unwrap().kernel,
+            PathBuf::from(crate::kernel_pick::AUTO),
+            "--kernel defaults to auto"
+        );
         assert!(parse(&["--kernel", "k", "--mem-mib", "lots"]).is_err());
         assert!(parse(&["--kernel", "k", "--console", "maybe"]).is_err());
         assert!(parse(&["--kernel", "k", "--boot-protocol", "uefi"]).is_err());

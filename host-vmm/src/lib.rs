@@ -9,6 +9,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod jail;
+pub mod kernel_pick;
 pub mod kvm;
 pub mod layout;
 pub mod memory;

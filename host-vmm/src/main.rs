@@ -24,7 +24,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help / --version
@@ -57,6 +57,14 @@ fn main() -> ExitCode {
         })
         .init();
 
+    let facts = host_vmm::kernel_pick::HostFacts::system();
+    match host_vmm::kernel_pick::resolve(&cli.kernel, &facts) {
+        Ok(kernel) => cli.kernel = kernel,
+        Err(e) => {
+            eprintln!("host-vmm: error: {e}");
+            return ExitCode::from(1);
+        }
+    }
     if !cli.command.is_empty() {
         return ExitCode::from(host_vmm::run::run_command(&cli, start));
     }

@@ -6,6 +6,8 @@
 //! (`host-vmm`, `qemu`, `qemu-kvm`, `qemu-tcg`, `auto`), `image_cache`, `memory_mib`, `vcpus`.
 //! Environment: `KILN_KERNEL`, `KILN_GUEST_INIT`, `KILN_HOST_VMM`, `KILN_QEMU`,
 //! `KILN_VHOST_DEVICE_VSOCK`, `KILN_VMM`, `KILN_IMAGE_CACHE`.
+//! Without `kernel` or `KILN_KERNEL`, the kernel is the installed or last built kiln kernel of
+//! the host's flavour (the PVM flavour on a PVM host), as host-vmm's `--kernel auto` picks it.
 
 use std::path::{Path, PathBuf};
 
@@ -205,9 +207,14 @@ impl RuntimeConfig {
             .ok()
             .and_then(|p| p.parent().map(Path::to_path_buf));
         if self.kernel.is_none() {
-            let mut c = vec![PathBuf::from("/usr/lib/kiln/vmlinux")];
-            c.extend(newest_cached_kernel());
-            self.kernel = first(&c);
+            let pvm = Path::new("/sys/module/kvm_pvm").exists();
+            // Links resolved: a rebuild moving the link does not change a running sandbox's kernel.
+            self.kernel = first(&kernel_candidates(
+                pvm,
+                Path::new(INSTALL_DIR),
+                &kernel_cache(),
+            ))
+            .map(|p| std::fs::canonicalize(&p).unwrap_or(p));
         }
         if self.guest_init.is_none() {
             let mut c = vec![PathBuf::from("/usr/lib/kiln/guest-init")];
@@ -236,18 +243,29 @@ impl RuntimeConfig {
     }
 }
 
-/// The most recently built kernel in kernel-config/build.sh's cache.
-fn newest_cached_kernel() -> Option<PathBuf> {
-    let cache = std::env::var_os("KILN_KERNEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/kiln/kernel"));
-    std::fs::read_dir(cache)
-        .ok()?
-        .flatten()
-        .map(|e| e.path().join("vmlinux"))
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .max()
-        .map(|(_, p)| p)
+/// Where a packaged kiln installs its kernels, guest-init and host-vmm.
+const INSTALL_DIR: &str = "/usr/lib/kiln";
+
+/// kernel-config/build.sh's cache root.
+fn kernel_cache() -> PathBuf {
+    std::env::var_os("KILN_KERNEL_CACHE")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from("/var/cache/kiln/kernel"), PathBuf::from)
+}
+
+/// The kernels to try when neither the config file nor `KILN_KERNEL` names one, in order: the
+/// installed kernel of the host's flavour, then the stable link `kernel-config/build.sh` keeps
+/// to the one it last built for that flavour. A PVM host (`/sys/module/kvm_pvm`) uses only the
+/// PVM flavour (its userspace is the only one that runs under host-vmm there; under QEMU TCG it
+/// behaves like the default one), any other host only the default flavour. The same rule as
+/// host-vmm's `--kernel auto` (`host-vmm/src/kernel_pick.rs`), kept in step by hand: the runtime
+/// does not link host-vmm.
+fn kernel_candidates(pvm: bool, install_dir: &Path, cache: &Path) -> Vec<PathBuf> {
+    if pvm {
+        vec![install_dir.join("vmlinux-pvm"), cache.join("pvm/vmlinux")]
+    } else {
+        vec![install_dir.join("vmlinux"), cache.join("vmlinux")]
+    }
 }
 
 /// `name` looked up in `$PATH`.
@@ -280,5 +298,21 @@ mod tests {
             .apply_file(Path::new("/c.toml"), "colour = \"red\"")
             .unwrap_err();
         assert!(err.to_string().contains("unknown key"), "{err}");
+    }
+
+    #[test]
+    fn kernel_candidates_follow_the_host_flavour() {
+        let (lib, cache) = (Path::new("/l"), Path::new("/c"));
+        assert_eq!(
+            kernel_candidates(false, lib, cache),
+            [PathBuf::from("/l/vmlinux"), PathBuf::from("/c/vmlinux")]
+        );
+        assert_eq!(
+            kernel_candidates(true, lib, cache),
+            [
+                PathBuf::from("/l/vmlinux-pvm"),
+                PathBuf::from("/c/pvm/vmlinux")
+            ]
+        );
     }
 }
