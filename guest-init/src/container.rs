@@ -331,6 +331,55 @@ impl Agent {
         Ok(())
     }
 
+    /// `SignalContainer`: `signal` to every process of the container, as `runc kill --all`:
+    /// the pids in its cgroup, the processes the agent started in it, and, with a pid namespace,
+    /// every process in that namespace (found by the namespace link of `/proc/<pid>/ns/pid`).
+    /// SIGKILL also goes through `cgroup.kill`, which catches processes forked meanwhile. Like
+    /// runc, a pid namespace's init ignores signals it has no handler for (SIGKILL aside).
+    pub fn signal_container(&self, id: &str, signal: i32) -> Result<(), ErrorReply> {
+        if !(1..=64).contains(&signal) {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!("signal {signal} outside 1..=64"),
+            ));
+        }
+        let (cgroup, tracked, pid_ns) = {
+            let st = self.lock();
+            let c = st.containers.get(id).ok_or_else(|| no_container(id))?;
+            let live = |p: &&crate::agent::Process| p.reaped.is_none() && p.pid > 0;
+            let tracked: Vec<i32> = c.processes.values().filter(live).map(|p| p.pid).collect();
+            // The main process is alive (not reaped, so its pid is not reused): its pid
+            // namespace link names the container's namespace.
+            let init_alive = c.processes.get(INIT_EXEC_ID).is_some_and(|p| live(&p));
+            let pid_ns = (c.ns.has(libc::CLONE_NEWPID) && init_alive)
+                .then(|| std::fs::read_link(format!("/proc/{}/ns/pid", c.init_pid)).ok())
+                .flatten();
+            (c.cgroup.clone(), tracked, pid_ns)
+        };
+        if signal == libc::SIGKILL {
+            cgroup.kill_all();
+        }
+        let mut pids = cgroup.pids();
+        pids.extend(tracked);
+        if let Some(ns) = pid_ns {
+            pids.extend(pids_in_pid_namespace(&ns));
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        // SAFETY: getpid has no memory effects.
+        let me = unsafe { libc::getpid() };
+        let mut signalled = 0usize;
+        for pid in pids.into_iter().filter(|&p| p > 1 && p != me) {
+            // SAFETY: kill has no memory effects. A pid that exited since it was listed gets
+            // ESRCH, which is fine (runc has the same window).
+            if unsafe { libc::kill(pid, signal) } == 0 {
+                signalled += 1;
+            }
+        }
+        log::info!("container {id}: signal {signal} sent to {signalled} processes");
+        Ok(())
+    }
+
     /// `CloseStdin`.
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ErrorReply> {
         let st = self.lock();
@@ -550,4 +599,18 @@ impl Agent {
             _ => Err(wrong()),
         }
     }
+}
+
+/// Pids (in the agent's pid namespace) of the processes whose `/proc/<pid>/ns/pid` link is `ns`
+/// (`pid:[inode]`). Bounded by the number of processes of the guest.
+fn pids_in_pid_namespace(ns: &std::path::Path) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|link| link == ns)
+        })
+        .collect()
 }

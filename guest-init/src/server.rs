@@ -315,5 +315,12 @@ fn dispatch(agent: &Agent, request: Request) -> Result<Response, ErrorReply> {
             Response::Ok
         }
         Request::Shutdown => Response::Ok,
+        Request::SignalContainer {
+            container_id,
+            signal,
+        } => {
+            agent.signal_container(&container_id, signal)?;
+            Response::Ok
+        }
     })
 }

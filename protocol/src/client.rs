@@ -353,6 +353,15 @@ impl AgentClient {
         expect_ok("SignalProcess", self.call(request)?)
     }
 
+    /// `SignalContainer` (protocol 1.1): a Linux signal to every process of the container.
+    pub fn signal_container(&self, container_id: &str, signal: i32) -> Result<(), ClientError> {
+        let request = Request::SignalContainer {
+            container_id: container_id.into(),
+            signal,
+        };
+        expect_ok("SignalContainer", self.call(request)?)
+    }
+
     /// `CloseStdin`.
     pub fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), ClientError> {
         let request = Request::CloseStdin {

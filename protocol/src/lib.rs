@@ -43,7 +43,7 @@ pub use spec::{
 };
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
 
 /// vsock port the agent listens on, for control connections and stdio connections alike (the
 /// first frame, [`HostMessage::Hello`] or [`HostMessage::Attach`], says which one it is).

@@ -194,6 +194,15 @@ pub enum Request {
     },
     /// Sync, unmount and power the VM off. Answer: [`Response::Ok`] sent before powering off.
     Shutdown,
+    /// Send a signal (Linux number) to every process of a container (its cgroup, and its pid
+    /// namespace if it has one), as `runc kill --all` does. Answer: [`Response::Ok`].
+    /// Since protocol 1.1; a 1.0 agent answers `Unsupported`.
+    SignalContainer {
+        /// The container.
+        container_id: String,
+        /// Signal number, e.g. 15 for SIGTERM.
+        signal: i32,
+    },
 }
 
 /// The answer to one [`Request`].

@@ -45,7 +45,9 @@ fn fake_agent(stream: UnixStream) {
         };
         let reply = |response| AgentMessage::Response { id, response };
         match request {
-            Request::Health | Request::StartContainer { .. } => send(reply(Response::Ok)),
+            Request::Health | Request::StartContainer { .. } | Request::SignalContainer { .. } => {
+                send(reply(Response::Ok))
+            }
             Request::Version => send(reply(Response::Version(AgentInfo {
                 version: PROTOCOL_VERSION,
                 agent: "fake-agent".into(),

@@ -191,7 +191,7 @@ fn golden_attach_and_attach_ok() {
     let expected = Layout::default()
         .tag(1) // HostMessage::Attach
         .u16(1)
-        .u16(0)
+        .u16(1) // protocol 1.1
         .str("c")
         .str("e")
         .tag(3) // StdioStream::Pty
@@ -272,6 +272,28 @@ fn golden_signal_and_resize() {
             .str("e")
             .u16(24)
             .u16(80)
+            .frame(),
+    );
+}
+
+/// `SignalContainer` (protocol 1.1) is appended after `Shutdown`: tag 12.
+#[test]
+fn golden_signal_container() {
+    let msg = HostMessage::Request {
+        id: 5,
+        request: Request::SignalContainer {
+            container_id: "c".into(),
+            signal: 15,
+        },
+    };
+    check(
+        &msg,
+        &Layout::default()
+            .tag(2)
+            .u64(5)
+            .tag(12)
+            .str("c")
+            .i32(15)
             .frame(),
     );
 }
@@ -482,6 +504,10 @@ fn every_request_round_trips() {
             force: true,
         },
         Request::Shutdown,
+        Request::SignalContainer {
+            container_id: "c".into(),
+            signal: 9,
+        },
     ];
     for (id, request) in requests.into_iter().enumerate() {
         let msg = HostMessage::Request {

@@ -232,6 +232,12 @@ fn bad_specs_and_failed_execs() {
 }
 
 #[test]
+fn kill_all_signals_every_process_of_the_container() {
+    let agent = Agent::start("killall");
+    common::case_signal_all(&agent.target());
+}
+
+#[test]
 fn terminal_process_gets_a_pty_and_resizes() {
     let agent = Agent::start("tty");
     common::case_terminal(&agent.target());

@@ -184,6 +184,7 @@ fn guest_init_as_pid1_under_qemu_tcg() {
         common::case_env_hostname_user(&t)
     });
     timed("case_terminal", &|| common::case_terminal(&t));
+    timed("case_signal_all", &|| common::case_signal_all(&t));
     timed("case_process_settings", &|| {
         common::case_process_settings(&t)
     });

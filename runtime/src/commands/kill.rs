@@ -1,8 +1,13 @@
 //! `kiln kill`: deliver a signal to the container's main process in the guest.
 //!
-//! `--all` signals the main process too: with a pid namespace (the default), SIGKILL of the main
-//! process ends every process of the container, as the kernel kills a pid namespace with its
-//! init. A paused container only takes SIGKILL, which stops its VM outright.
+//! `--all` signals every process of the container (`SignalContainer`, protocol 1.1: the guest
+//! agent signals its cgroup's processes and its pid namespace), as runc signals every process of
+//! the container's cgroup. An agent that predates it answers `Unsupported`; then only the main
+//! process is signalled (with a pid namespace, SIGKILL of it still ends every process) and a
+//! warning is logged. A paused container only takes SIGKILL, which stops its VM outright.
+
+use kiln_protocol::client::ClientError;
+use kiln_protocol::ErrorKind;
 
 use super::{CommandError, Context};
 use crate::cli::KillArgs;
@@ -34,6 +39,15 @@ pub fn run(ctx: &Context, args: &KillArgs) -> Result<i32, CommandError> {
         .clone()
         .ok_or_else(|| CommandError::InvalidState("container not running".into()))?;
     let client = connect(&uds, "kiln kill")?;
+    if args.all {
+        match client.signal_container(&args.id, signal) {
+            Ok(()) => return Ok(0),
+            Err(ClientError::Agent(e)) if e.kind == ErrorKind::Unsupported => {
+                log::warn!("the guest agent cannot signal all processes; signalling the main one");
+            }
+            Err(e) => return Err(CommandError::Agent(format!("signal {signal} failed"), e)),
+        }
+    }
     client
         .signal(&args.id, kiln_protocol::INIT_EXEC_ID, signal)
         .map_err(|e| CommandError::Agent(format!("signal {signal} failed"), e))?;
