@@ -1,12 +1,16 @@
 //! OCI bundles: reading `config.json`, checking what a microVM can honour, and turning the spec
 //! into the agent's [`ContainerSpec`] plus the VM's size.
 //!
-//! The VM sees only block devices, so a bind mount of a host path cannot be honoured. The few
-//! files container engines bind over every container (`/etc/hosts`, `/etc/hostname`,
-//! `/etc/resolv.conf`, `/run/.containerenv`) are skipped with a warning (the image's own copies
-//! stay visible); `/dev/shm` binds become a guest tmpfs; any other host bind mount is refused
-//! with an error naming it. Namespace paths name host namespaces, which the guest cannot join:
-//! the guest creates fresh namespaces of those kinds instead.
+//! The VM sees only block devices. A bind mount of a host *directory* becomes a [`HostBind`]:
+//! `create` packs the directory into an ext4 image (a copy taken then; writes in the guest are
+//! not written back), attaches it as an extra disk with serial `kiln-bind-<n>`, and the spec
+//! tells the agent to mount `/dev/disk/by-id/virtio-kiln-bind-<n>` (ext4, `ro` or `rw` as the
+//! bind's options say) at the destination. The few files container engines bind over every
+//! container (`/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf`, `/run/.containerenv`) are
+//! skipped with a warning (the image's own copies stay visible); `/dev/shm` binds become a guest
+//! tmpfs; other binds of single files (and of anything not a directory) are refused with an
+//! error naming them. Namespace paths name host namespaces, which the guest cannot join: the
+//! guest creates fresh namespaces of those kinds instead.
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +43,44 @@ const SKIPPED_FILE_BINDS: &[&str] = &[
     "/etc/resolv.conf",
     "/run/.containerenv",
 ];
+
+/// Source prefix naming a virtio disk by serial (guest-init's `spawn::plan::disk`).
+pub const DISK_BY_SERIAL: &str = "/dev/disk/by-id/virtio-";
+/// Most host directory binds per container (one extra disk each; host-vmm's `--drive` limit).
+pub const MAX_HOST_BINDS: usize = crate::vm::MAX_DRIVES;
+/// Options of a bind that carry over to the guest's ext4 mount; the rest (`bind`, `rbind`,
+/// propagation, SELinux labels, ...) are host-side and dropped.
+const CARRIED_OPTIONS: &[&str] = &[
+    "nosuid",
+    "suid",
+    "nodev",
+    "dev",
+    "noexec",
+    "exec",
+    "noatime",
+    "atime",
+    "nodiratime",
+    "diratime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "sync",
+    "async",
+    "dirsync",
+];
+
+/// A bind mount of a host directory, carried into the VM as a disk image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    /// The host directory (absolute; relative sources are taken from the bundle directory).
+    pub source: PathBuf,
+    /// Where it appears in the container.
+    pub destination: String,
+    /// Attach and mount read-only (`ro` in the bind's options).
+    pub read_only: bool,
+    /// The disk's serial, `kiln-bind-<n>`.
+    pub serial: String,
+}
 
 /// Problems with a bundle.
 #[derive(Debug, Error)]
@@ -171,9 +213,15 @@ impl Bundle {
             .collect()
     }
 
-    /// The spec as the agent needs it. Host bind mounts are refused or skipped as the module
-    /// documentation says.
+    /// The spec as the agent needs it. Host bind mounts become disk mounts, or are skipped or
+    /// refused as the module documentation says; the disks to attach are in
+    /// [`Bundle::container_spec_and_binds`].
     pub fn container_spec(&self) -> Result<ContainerSpec, BundleError> {
+        self.container_spec_and_binds().map(|(spec, _)| spec)
+    }
+
+    /// [`Bundle::container_spec`] plus the host directories to pack and attach, in order.
+    pub fn container_spec_and_binds(&self) -> Result<(ContainerSpec, Vec<HostBind>), BundleError> {
         let root = RootSpec {
             device: None,
             fstype: String::new(),
@@ -185,10 +233,12 @@ impl Bundle {
                 path: self.config_path(),
                 source,
             })?;
-        spec.mounts = guest_mounts(&spec.mounts).map_err(|problem| BundleError::Unsupported {
-            path: self.config_path(),
-            problem,
-        })?;
+        let (mounts, binds) =
+            guest_mounts(&spec.mounts, &self.dir).map_err(|problem| BundleError::Unsupported {
+                path: self.config_path(),
+                problem,
+            })?;
+        spec.mounts = mounts;
         for ns in &mut spec.linux.namespaces {
             if let Some(path) = ns.path.take() {
                 log::debug!(
@@ -199,7 +249,7 @@ impl Bundle {
         }
         // The guest agent chooses the cgroup; cgroupsPath names a host cgroup.
         spec.linux.cgroups_path = None;
-        Ok(spec)
+        Ok((spec, binds))
     }
 
     /// The VM size: annotations first, then the memory limit and CPU quota, then `defaults`.
@@ -251,9 +301,71 @@ impl Bundle {
     }
 }
 
+/// The guest mount and the disk for a bind of host path `source` on `m.destination`.
+fn host_bind(
+    m: &MountSpec,
+    source: &str,
+    bundle_dir: &Path,
+    index: usize,
+) -> Result<(MountSpec, HostBind), String> {
+    let path = bundle_dir.join(source);
+    let meta = std::fs::metadata(&path).map_err(|e| {
+        format!(
+            "bind mount source {} on {}: {e}",
+            path.display(),
+            m.destination
+        )
+    })?;
+    if !meta.is_dir() {
+        return Err(format!(
+            "bind mount of host file {} on {} is not supported: a microVM sees only block \
+             devices, and only directories are carried into it (as a copy)",
+            path.display(),
+            m.destination
+        ));
+    }
+    if index >= MAX_HOST_BINDS {
+        return Err(format!(
+            "bind mount of {} on {}: at most {MAX_HOST_BINDS} host directories can be bound \
+             into one container",
+            path.display(),
+            m.destination
+        ));
+    }
+    let mut read_only = false;
+    let mut options = Vec::new();
+    for o in &m.options {
+        match o.as_str() {
+            "ro" => read_only = true,
+            "rw" => read_only = false,
+            o if CARRIED_OPTIONS.contains(&o) => options.push(o.to_string()),
+            _ => {}
+        }
+    }
+    options.insert(0, if read_only { "ro" } else { "rw" }.to_string());
+    let serial = format!("kiln-bind-{index}");
+    let mount = MountSpec {
+        destination: m.destination.clone(),
+        fstype: Some("ext4".into()),
+        source: Some(format!("{DISK_BY_SERIAL}{serial}")),
+        options,
+    };
+    let bind = HostBind {
+        source: path,
+        destination: m.destination.clone(),
+        read_only,
+        serial,
+    };
+    Ok((mount, bind))
+}
+
 /// Filters the spec's mounts for the guest (see the module documentation).
-fn guest_mounts(mounts: &[MountSpec]) -> Result<Vec<MountSpec>, String> {
+fn guest_mounts(
+    mounts: &[MountSpec],
+    bundle_dir: &Path,
+) -> Result<(Vec<MountSpec>, Vec<HostBind>), String> {
     let mut out = Vec::with_capacity(mounts.len());
+    let mut binds = Vec::new();
     for m in mounts {
         let is_bind = m.fstype.as_deref() == Some("bind")
             || m.options.iter().any(|o| o == "bind" || o == "rbind");
@@ -280,15 +392,22 @@ fn guest_mounts(mounts: &[MountSpec]) -> Result<Vec<MountSpec>, String> {
                 "bind mount of host file {source} on {} skipped: the VM sees only block devices",
                 m.destination
             );
+        } else if source.is_empty() {
+            return Err(format!("bind mount on {} has no source", m.destination));
         } else {
-            return Err(format!(
-                "bind mount of host path {source} on {} is not supported: a microVM sees only \
-                 block devices (remove the mount or copy the files into the image)",
-                m.destination
-            ));
+            let (mount, bind) = host_bind(m, &source, bundle_dir, binds.len())?;
+            log::info!(
+                "bind mount of host directory {} on {} becomes disk {} ({}, a copy taken now)",
+                bind.source.display(),
+                bind.destination,
+                bind.serial,
+                if bind.read_only { "ro" } else { "rw" }
+            );
+            out.push(mount);
+            binds.push(bind);
         }
     }
-    Ok(out)
+    Ok((out, binds))
 }
 
 #[cfg(test)]
@@ -335,14 +454,93 @@ mod tests {
         assert_eq!(spec.mounts[0].fstype.as_deref(), Some("tmpfs"));
         assert_eq!(spec.root.path, "/rootfs");
 
+        let file = tempfile::NamedTempFile::new().unwrap();
         let cfg = format!(
-            r#"{BASE},"mounts":[{{"destination":"/data","type":"bind","source":"/srv","options":["rbind"]}}]}}"#
+            r#"{BASE},"mounts":[{{"destination":"/f","type":"bind","source":"{}","options":["rbind"]}}]}}"#,
+            file.path().display()
         );
         let (_t, b) = bundle_with(&cfg);
         let err = b.unwrap().container_spec().unwrap_err().to_string();
         assert!(
-            err.contains("bind mount of host path /srv on /data is not supported"),
+            err.contains(&format!(
+                "bind mount of host file {} on /f is not supported",
+                file.path().display()
+            )),
             "{err}"
+        );
+        assert!(!err.contains('\n'));
+        let cfg = format!(
+            r#"{BASE},"mounts":[{{"destination":"/d","type":"bind","source":"/nonexistent-kiln","options":["bind"]}}]}}"#
+        );
+        let (_t, b) = bundle_with(&cfg);
+        let err = b.unwrap().container_spec().unwrap_err().to_string();
+        assert!(
+            err.contains("bind mount source /nonexistent-kiln on /d: No such file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn host_directory_binds_become_disks() {
+        let data = tempfile::tempdir().unwrap();
+        let cfg = format!(
+            r#"{BASE},"mounts":[
+            {{"destination":"/data","type":"bind","source":"{src}","options":["rbind","rprivate","nosuid","Z"]}},
+            {{"destination":"/proc","type":"proc","source":"proc"}},
+            {{"destination":"/conf","source":"{src}","options":["bind","ro","nodev"]}},
+            {{"destination":"/rel","type":"bind","source":"rootfs","options":["rbind"]}}]}}"#,
+            src = data.path().display()
+        );
+        let (t, b) = bundle_with(&cfg);
+        let (spec, binds) = b.unwrap().container_spec_and_binds().unwrap();
+        let m: Vec<_> = spec
+            .mounts
+            .iter()
+            .map(|m| {
+                (
+                    m.destination.as_str(),
+                    m.fstype.as_deref(),
+                    m.source.as_deref(),
+                    m.options.join(","),
+                )
+            })
+            .collect();
+        assert_eq!(
+            m,
+            [
+                (
+                    "/data",
+                    Some("ext4"),
+                    Some("/dev/disk/by-id/virtio-kiln-bind-0"),
+                    "rw,nosuid".to_string()
+                ),
+                ("/proc", Some("proc"), Some("proc"), String::new()),
+                (
+                    "/conf",
+                    Some("ext4"),
+                    Some("/dev/disk/by-id/virtio-kiln-bind-1"),
+                    "ro,nodev".to_string()
+                ),
+                (
+                    "/rel",
+                    Some("ext4"),
+                    Some("/dev/disk/by-id/virtio-kiln-bind-2"),
+                    "rw".to_string()
+                ),
+            ]
+        );
+        let summary: Vec<_> = binds
+            .iter()
+            .map(|b| (b.source.clone(), b.read_only, b.serial.as_str()))
+            .collect();
+        let bundle_dir = std::fs::canonicalize(t.path()).unwrap();
+        assert_eq!(
+            summary,
+            [
+                (data.path().to_path_buf(), false, "kiln-bind-0"),
+                (data.path().to_path_buf(), true, "kiln-bind-1"),
+                (bundle_dir.join("rootfs"), false, "kiln-bind-2"),
+            ]
         );
     }
 

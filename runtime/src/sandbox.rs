@@ -173,6 +173,7 @@ impl Sandbox {
         cfg: &RuntimeConfig,
         choice: VmmChoice,
         disk: &Path,
+        drives: &[vm::Drive],
         size: VmSize,
         dir: &Path,
     ) -> Result<Sandbox, SandboxError> {
@@ -189,6 +190,7 @@ impl Sandbox {
         let mut vc = VmConfig::new(kernel, disk, backend, vm_dir(dir));
         vc.mem_mib = size.memory_mib;
         vc.vcpus = size.vcpus;
+        vc.drives = drives.to_vec();
         let vm = Vm::launch(&vc)?;
         Ok(Sandbox { vm, name })
     }

@@ -34,7 +34,7 @@ pub fn create(ctx: &Context, args: &CreateArgs, own_terminal: bool) -> Result<Ch
         ));
     }
     let bundle = Bundle::load(&args.bundle)?;
-    let spec = bundle.container_spec()?;
+    let (spec, binds) = bundle.container_spec_and_binds()?;
     crate::hooks::check(&bundle.spec)?;
     if spec.process.terminal && args.console_socket.is_none() && !own_terminal {
         return Err(CommandError::Usage(
@@ -93,9 +93,24 @@ pub fn create(ctx: &Context, args: &CreateArgs, own_terminal: bool) -> Result<Ch
             packed.elapsed.as_millis(),
             if packed.cache_hit { "cache hit" } else { "built" }
         );
+        let mut drives = Vec::with_capacity(binds.len());
+        for bind in &binds {
+            let packed = crate::image::pack_bind(&cfg, bind, &dir)?;
+            log::info!(
+                "timing {}: bind {} on {} packed in {} ms ({}, {} bytes of files)",
+                args.id,
+                bind.source.display(),
+                bind.destination,
+                packed.elapsed.as_millis(),
+                if packed.cache_hit { "cache hit" } else { "built" },
+                packed.content_bytes
+            );
+            drives.push(packed.drive);
+        }
         let request = ShimRequest {
             spec: spec.clone(),
             disk,
+            drives,
             memory_mib: size.memory_mib,
             vcpus: size.vcpus,
             vmm: vmm.clone(),

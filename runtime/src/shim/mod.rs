@@ -75,6 +75,9 @@ pub struct ShimRequest {
     pub spec: ContainerSpec,
     /// The container's disk image.
     pub disk: PathBuf,
+    /// Extra disks (host directory binds), attached after `disk`.
+    #[serde(default)]
+    pub drives: Vec<crate::vm::Drive>,
     /// VM size.
     pub memory_mib: u32,
     /// vCPUs.
@@ -158,7 +161,14 @@ fn setup(
         memory_mib: req.memory_mib,
         vcpus: req.vcpus,
     };
-    let sandbox = sandbox_slot.insert(Sandbox::launch(cfg, choice, &req.disk, size, &dir)?);
+    let sandbox = sandbox_slot.insert(Sandbox::launch(
+        cfg,
+        choice,
+        &req.disk,
+        &req.drives,
+        size,
+        &dir,
+    )?);
     let client = Arc::new(sandbox.connect_agent(AGENT_TIMEOUT)?);
 
     let plan = session::StdioPlan {

@@ -1,7 +1,8 @@
 //! The command lines of the processes a VM consists of, built without running anything.
 //!
-//! - host-vmm: `host-vmm --kernel K --rootfs R --mem-mib M --vcpus N [--read-only]
-//!   --cmdline <agent part> --vsock-uds U --cid 3`; its stdout is the guest console.
+//! - host-vmm: `host-vmm --kernel K --rootfs R [--drive D,ro,serial=S ...] --mem-mib M
+//!   --vcpus N [--read-only] --cmdline <agent part> --vsock-uds U --cid 3`; its stdout is the
+//!   guest console.
 //! - QEMU: `vhost-device-vsock --guest-cid 3 --socket VHU --uds-path U` first, then
 //!   `qemu-system-x86_64 -M microvm,acpi=off,memory-backend=mem ... -device
 //!   vhost-user-vsock-device,chardev=vs ... -serial file:<console log>` (the command lines checked
@@ -24,11 +25,18 @@ pub fn host_vmm_args(cfg: &VmConfig, uds: &Path) -> Vec<OsString> {
         cfg.kernel.clone().into(),
         "--rootfs".into(),
         cfg.rootfs.clone().into(),
+    ];
+    for d in &cfg.drives {
+        let ro = if d.read_only { ",ro" } else { "" };
+        args.push("--drive".into());
+        args.push(format!("{}{ro},serial={}", qemu_escape(&d.path), d.serial).into());
+    }
+    args.extend::<[OsString; 4]>([
         "--mem-mib".into(),
         cfg.mem_mib.to_string().into(),
         "--vcpus".into(),
         cfg.vcpus.to_string().into(),
-    ];
+    ]);
     if cfg.read_only {
         args.push("--read-only".into());
     }
@@ -90,6 +98,20 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, vhu: &Path, console_log: &Path) -
         ),
     ]);
     push(&["-device", "virtio-blk-device,drive=root"]);
+    for (i, d) in cfg.drives.iter().enumerate() {
+        let readonly = if d.read_only { ",readonly=on" } else { "" };
+        push(&[
+            "-drive",
+            &format!(
+                "id=drive{i},file={},format=raw,if=none{readonly}",
+                qemu_escape(&d.path)
+            ),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-device,drive=drive{i},serial={}", d.serial),
+        ]);
+    }
     // The keyboard controller: `reboot=k` resets through port 0x64 at once; without it the
     // kernel's other reset methods time out first.
     push(&["-device", "i8042"]);
@@ -112,7 +134,7 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> KernelCmdline {
     }
 }
 
-/// A path inside a QEMU `key=value,...` option: commas are doubled.
+/// A path inside a QEMU `key=value,...` option (or a host-vmm `--drive`): commas are doubled.
 fn qemu_escape(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
@@ -178,6 +200,41 @@ mod tests {
             "--kernel /k/vmlinux --rootfs /i/a,b.ext4 --mem-mib 192 --vcpus 2 \
              --cmdline init=/kiln/guest-init loglevel=8 --vsock-uds /run/vm1/vsock.sock --cid 3"
         );
+    }
+
+    #[test]
+    fn drives_on_both_backends() {
+        let mut c = cfg();
+        c.drives = vec![
+            super::super::Drive {
+                path: "/s/bind-0.ext4".into(),
+                read_only: true,
+                serial: "kiln-bind-0".into(),
+            },
+            super::super::Drive {
+                path: "/s/b,1.ext4".into(),
+                read_only: false,
+                serial: "kiln-bind-1".into(),
+            },
+        ];
+        let a = joined(&host_vmm_args(&c, Path::new("/u")));
+        assert!(
+            a.starts_with(
+                "--kernel /k/vmlinux --rootfs /i/a,b.ext4 --drive /s/bind-0.ext4,ro,serial=kiln-bind-0 \
+                 --drive /s/b,,1.ext4,serial=kiln-bind-1 --mem-mib 192"
+            ),
+            "{a}"
+        );
+        let q = joined(&qemu_args(&c, Accel::Tcg, Path::new("/v"), Path::new("/c")));
+        for want in [
+            "-device virtio-blk-device,drive=root -drive \
+             id=drive0,file=/s/bind-0.ext4,format=raw,if=none,readonly=on \
+             -device virtio-blk-device,drive=drive0,serial=kiln-bind-0",
+            "-drive id=drive1,file=/s/b,,1.ext4,format=raw,if=none \
+             -device virtio-blk-device,drive=drive1,serial=kiln-bind-1",
+        ] {
+            assert!(q.contains(want), "{want:?} missing from {q}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Launching agent microVMs: one kernel, one root image with guest-init as PID 1, one vsock
-//! device, under host-vmm or QEMU microvm ([`Backend`]).
+//! Launching agent microVMs: one kernel, one root image with guest-init as PID 1, extra disks
+//! ([`Drive`], each with a serial the guest finds it by), one vsock device, under host-vmm or
+//! QEMU microvm ([`Backend`]).
 //!
 //! [`Vm::launch`] spawns the VMM process (for QEMU, `vhost-device-vsock` first), [`Vm::connect_agent`]
 //! waits for guest-init to answer on vsock port [`AGENT_VSOCK_PORT`] and returns the protocol
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use kiln_protocol::client::{AgentClient, ClientError};
 use kiln_protocol::transport::{self, TransportError};
 use kiln_protocol::{StdioStream, AGENT_VSOCK_PORT};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use backend::{Accel, Backend, Detection, HostProbe};
@@ -59,6 +61,9 @@ pub struct VmConfig {
     pub rootfs: PathBuf,
     /// Attach and mount the root image read-only.
     pub read_only: bool,
+    /// Extra disks after the root image, in order (`/dev/vdb`, ... under host-vmm; the guest
+    /// should find them by serial, QEMU's order differs).
+    pub drives: Vec<Drive>,
     /// Guest memory in MiB.
     pub mem_mib: u32,
     /// Number of vCPUs.
@@ -87,6 +92,7 @@ impl VmConfig {
             kernel: kernel.into(),
             rootfs: rootfs.into(),
             read_only: false,
+            drives: Vec::new(),
             mem_mib: 256,
             vcpus: 1,
             extra_cmdline: None,
@@ -97,6 +103,24 @@ impl VmConfig {
         }
     }
 }
+
+/// An extra virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drive {
+    /// Image file.
+    pub path: PathBuf,
+    /// Attach read-only (the device refuses writes).
+    pub read_only: bool,
+    /// Serial the guest reads back (`/sys/block/vdX/serial`): 1 to [`MAX_SERIAL`] characters
+    /// of `[A-Za-z0-9-_.]`, unique within the VM.
+    pub serial: String,
+}
+
+/// Longest drive serial (virtio-blk GET_ID answers 20 bytes).
+pub const MAX_SERIAL: usize = 20;
+
+/// Most extra drives (host-vmm's `--drive` limit).
+pub const MAX_DRIVES: usize = 8;
 
 /// Errors of launching and driving a VM.
 #[derive(Debug, Error)]
@@ -117,6 +141,14 @@ pub enum VmError {
         what: &'static str,
         /// The path.
         path: PathBuf,
+    },
+    /// Too many drives, or a serial that cannot be passed on.
+    #[error("drive {path}: {problem}")]
+    BadDrive {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
     },
     /// A socket path would not fit `sockaddr_un`.
     #[error(
@@ -232,6 +264,7 @@ impl Vm {
                 });
             }
         }
+        check_drives(&cfg.drives)?;
         let dir = &cfg.state_dir;
         std::fs::create_dir_all(dir).map_err(|source| VmError::StateDir {
             path: dir.clone(),
@@ -563,6 +596,39 @@ impl Processes {
             stop(&mut device);
         }
     }
+}
+
+/// Checks the drives' count, files and serials before anything is started.
+fn check_drives(drives: &[Drive]) -> Result<(), VmError> {
+    let bad = |d: &Drive, problem: String| VmError::BadDrive {
+        path: d.path.clone(),
+        problem,
+    };
+    for (i, d) in drives.iter().enumerate() {
+        if i >= MAX_DRIVES {
+            return Err(bad(d, format!("more than {MAX_DRIVES} extra disks")));
+        }
+        if !d.path.is_file() {
+            return Err(VmError::MissingFile {
+                what: "drive image",
+                path: d.path.clone(),
+            });
+        }
+        let valid = (1..=MAX_SERIAL).contains(&d.serial.len())
+            && d.serial
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !valid {
+            return Err(bad(
+                d,
+                format!("serial {:?} is not 1-20 of [A-Za-z0-9-_.]", d.serial),
+            ));
+        }
+        if drives[..i].iter().any(|o| o.serial == d.serial) {
+            return Err(bad(d, format!("serial {:?} is used twice", d.serial)));
+        }
+    }
+    Ok(())
 }
 
 /// Starts `vhost-device-vsock` and waits for its vhost-user socket.

@@ -52,6 +52,49 @@ fn missing_kernel_is_reported() {
 }
 
 #[test]
+fn bad_drives_are_refused_before_spawning() {
+    let s = Scratch::new("drives");
+    let mut cfg = host_vmm_cfg(&s, "/bin/true");
+    let drive = |name: &str, serial: &str| Drive {
+        path: s.0.join(name),
+        read_only: true,
+        serial: serial.into(),
+    };
+    s.file("d.ext4");
+    cfg.drives = vec![drive("gone.ext4", "kiln-bind-0")];
+    let e = Vm::launch(&cfg).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            VmError::MissingFile {
+                what: "drive image",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    for (drives, want) in [
+        (vec![drive("d.ext4", "a b")], "is not 1-20"),
+        (vec![drive("d.ext4", &"x".repeat(21))], "is not 1-20"),
+        (
+            vec![drive("d.ext4", "s"), drive("d.ext4", "s")],
+            "is used twice",
+        ),
+        (
+            (0..=MAX_DRIVES)
+                .map(|i| drive("d.ext4", &format!("s{i}")))
+                .collect(),
+            "more than 8",
+        ),
+    ] {
+        cfg.drives = drives;
+        let e = Vm::launch(&cfg).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    assert!(!s.0.join("state").exists(), "nothing created");
+}
+
+#[test]
 fn long_state_dir_is_refused_before_spawning() {
     let s = Scratch::new("long");
     let mut cfg = host_vmm_cfg(&s, "/bin/true");
