@@ -210,12 +210,9 @@ impl Agent {
         let (ns, init_pid, cgroup) = {
             let mut st = self.lock();
             let c = st.containers.get_mut(id).ok_or_else(|| no_container(id))?;
-            if !c.started {
-                return Err(err(
-                    ErrorKind::InvalidState,
-                    format!("container `{id}` is not started"),
-                ));
-            }
+            // A created container's namespaces and cgroup exist already (its main process
+            // waits for StartContainer), so exec works before start, as in runc; the
+            // createContainer and startContainer hooks run that way.
             if c.processes
                 .get(INIT_EXEC_ID)
                 .is_some_and(|p| p.reaped.is_some())

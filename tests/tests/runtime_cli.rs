@@ -245,6 +245,55 @@ fn runtime_cli_run_exit_codes_output_and_force_delete() {
         assert_eq!(state["status"], status, "{stage}");
     }
 
+    // createContainer and startContainer hooks run inside the container (in the guest), with
+    // the state on stdin; a failing startContainer hook fails `start` and stops the container.
+    let b6 = k.bundle(
+        "b6",
+        &["sh", "-c", "cat /tmp/cc.json; echo; cat /tmp/sc.json"],
+    );
+    let in_guest = |file: &str| {
+        serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {file}")],
+                            "timeout": 60}])
+    };
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b6.join("config.json")).unwrap()).unwrap();
+    spec["hooks"] = serde_json::json!({
+        "createContainer": in_guest("/tmp/cc.json"),
+        "startContainer": in_guest("/tmp/sc.json"),
+    });
+    std::fs::write(b6.join("config.json"), spec.to_string()).unwrap();
+    let o = k.run(&["run", "--bundle", b6.to_str().unwrap(), "r6"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let states: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert_eq!(states.len(), 2, "{out}");
+    for state in &states {
+        assert_eq!(state["id"], "r6");
+        assert_eq!(state["status"], "created");
+    }
+    let b7 = k.bundle("b7", &["sleep", "1000"]);
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b7.join("config.json")).unwrap()).unwrap();
+    spec["hooks"] = serde_json::json!({
+        "startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "echo hook-says-no >&2; exit 4"]}],
+    });
+    std::fs::write(b7.join("config.json"), spec.to_string()).unwrap();
+    let o = k.run(&["create", "--bundle", b7.to_str().unwrap(), "r7"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = k.run(&["start", "r7"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("startContainer hook /bin/sh failed: exit status 4"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(k.wait_status("r7", "stopped", Duration::from_secs(60)));
+    assert!(k.run(&["delete", "r7"]).status.success());
+    assert!(!k.root.join("r7").exists());
+
     // Killed by a signal: 128 + signal, like a shell.
     let b2 = k.bundle("b2", &["sleep", "1000"]);
     let mut attached = k

@@ -35,7 +35,6 @@ pub fn create(ctx: &Context, args: &CreateArgs, own_terminal: bool) -> Result<Ch
     }
     let bundle = Bundle::load(&args.bundle)?;
     let (spec, binds) = bundle.container_spec_and_binds()?;
-    crate::hooks::check(&bundle.spec)?;
     if spec.process.terminal && args.console_socket.is_none() && !own_terminal {
         return Err(CommandError::Usage(
             "cannot allocate tty if kiln will detach without setting console socket".into(),
@@ -125,11 +124,22 @@ pub fn create(ctx: &Context, args: &CreateArgs, own_terminal: bool) -> Result<Ch
         let shim_started = Instant::now();
         let mut child = ctx.spawn_helper(&["shim", "--id", &args.id])?;
         let state = ctx.store.load(&args.id)?;
-        if let Err(e) = crate::hooks::run(
+        let hooks = crate::hooks::run(
             &bundle.spec,
             crate::hooks::Stage::CreateRuntime,
             &state.oci_state(),
-        ) {
+        )
+        .and_then(|()| match &state.vsock_uds {
+            Some(uds) => crate::hooks::run_in_guest(
+                &bundle.spec,
+                crate::hooks::GuestStage::CreateContainer,
+                &state.oci_state(),
+                uds,
+                &args.id,
+            ),
+            None => Ok(()),
+        });
+        if let Err(e) = hooks {
             super::delete::kill_processes(&state);
             let _ = child.wait();
             return Err(e.into());
