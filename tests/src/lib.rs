@@ -13,6 +13,7 @@ pub mod guests;
 pub mod images;
 pub mod kernel;
 pub mod rootfs_boot;
+pub mod runtime;
 
 /// Root of the cargo workspace.
 pub fn workspace_root() -> PathBuf {

@@ -187,10 +187,18 @@ fn setup(
     if let Some(size) = io.initial_size() {
         spec.process.console_size = Some(size);
     }
+    let t_create = std::time::Instant::now();
     let guest_pid = client
         .create_container(id, spec)
         .map_err(|e| ShimError::Agent("the agent could not create the container".into(), e))?;
+    let create_rtt = t_create.elapsed();
+    let t_attach = std::time::Instant::now();
     let outputs = io.attach(&sandbox.vsock_uds(), &client, id, INIT_EXEC_ID)?;
+    log::info!(
+        "timing {id}: CreateContainer {} ms (mostly guest work), stdio attach {} ms",
+        create_rtt.as_millis(),
+        t_attach.elapsed().as_millis()
+    );
     let outputs =
         session::close_stdin_after_outputs(outputs, Arc::clone(&client), id, INIT_EXEC_ID);
 
