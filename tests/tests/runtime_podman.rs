@@ -1,5 +1,7 @@
 //! Podman 4.3 as a real client of `kiln`: `run --rm` with exit codes, `run -d`, `exec`, `logs`,
-//! `stop` and `rm`, `--memory` enforced in the guest, env and workdir, and a terminal (`-t`).
+//! `stop` and `rm`, `--memory` enforced in the guest, env and workdir, a terminal (`-t`, with
+//! `tty` naming the container's own `/dev/pts/0`, for `run -t` and `exec -t`), and `kiln kill
+//! --all` reaching a container's background processes.
 //! No registry: a busybox-static rootfs is `podman import`ed. Podman gets an isolated
 //! `--root`/`--runroot` and a containers.conf (cgroupfs, file events, nofile within the host's
 //! limit, no network) through `CONTAINERS_CONF`; kiln is reached through a wrapper script that
@@ -163,18 +165,16 @@ fn runtime_podman_run_exec_logs_stop_memory_env_tty() {
     assert_eq!(out(&o), "67108864\n");
     assert_eq!(o.status.code(), Some(137));
 
-    // A terminal: conmon's console socket; the size reaches the guest.
-    let o = Command::new("script")
-        .args(["-qec"])
-        .arg(format!(
-            "stty rows 33 cols 91; {} run -t --rm {img} sh -c 'stty size; exit 3'",
-            shell_words(&pm.cmd(&[]))
-        ))
-        .arg("/dev/null")
-        .output()
-        .unwrap();
+    // A terminal: conmon's console socket; the size reaches the guest, and the pty is the
+    // container's own /dev/pts/0 (allocated from the container's devpts), so `tty` names it.
+    let o = in_script(&format!(
+        "stty rows 33 cols 91; {} run -t --rm {img} sh -c 'tty; stty size; exit 3'",
+        shell_words(&pm.cmd(&[]))
+    ));
     eprintln!("podman run -t: {:?} {}", o.status.code(), out(&o));
     assert!(out(&o).contains("33 91"), "{}", out(&o));
+    assert!(out(&o).contains("/dev/pts/0"), "{}", out(&o));
+    assert!(!out(&o).contains("not a tty"), "{}", out(&o));
     assert_eq!(o.status.code(), Some(3));
 
     // run -d, exec, logs, stop, rm.
@@ -192,6 +192,14 @@ fn runtime_podman_run_exec_logs_stop_memory_env_tty() {
     let o = pm.run(&["exec", "d1", "sh", "-c", "echo in-exec; exit 6"]);
     assert_eq!(o.status.code(), Some(6));
     assert_eq!(out(&o), "in-exec\n");
+    // exec -t: a pty from the container's devpts too (the main process has none: pts/0).
+    let o = in_script(&format!(
+        "{} exec -t d1 sh -c 'tty; exit 5'",
+        shell_words(&pm.cmd(&[]))
+    ));
+    eprintln!("podman exec -t: {:?} {}", o.status.code(), out(&o));
+    assert!(out(&o).contains("/dev/pts/0"), "{}", out(&o));
+    assert_eq!(o.status.code(), Some(5));
     let o = pm.run(&["logs", "d1"]);
     assert_eq!(out(&o), "started\n");
     let o = pm.run(&["stop", "-t", "1", "d1"]);
@@ -204,7 +212,65 @@ fn runtime_podman_run_exec_logs_stop_memory_env_tty() {
     ]);
     assert_eq!(out(&o), "exited 137\n");
     assert!(pm.run(&["rm", "d1"]).status.success());
+
+    kill_all(&pm, img);
     no_kiln_leftovers(&pm.kiln_root());
+}
+
+/// `kiln kill --all ID TERM` on a podman container reaches every process: a background
+/// subshell (its TERM trap prints `child-got-term`) and a background `sleep`. The main shell,
+/// init of the container's pid namespace, has no TERM handler and ignores TERM, as under runc;
+/// it ends once its children are gone. Signalling only the main process would end nothing.
+fn kill_all(pm: &Podman, img: &str) {
+    let script = "(trap 'echo child-got-term; exit 0' TERM; echo ready; sleep 1000 & wait) & \
+                  sleep 1000 & wait; echo main-done";
+    let o = pm.run(&["run", "-d", "--name", "k1", img, "sh", "-c", script]);
+    assert!(o.status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !out(&pm.run(&["logs", "k1"])).contains("ready") {
+        assert!(std::time::Instant::now() < deadline, "k1 never got ready");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let id = out(&pm.run(&["inspect", "--format", "{{.Id}}", "k1"]))
+        .trim()
+        .to_string();
+    let o = bounded(
+        Command::new(pm.dir.path().join("kiln-wrapper")).args(["kill", "--all", &id, "TERM"]),
+    );
+    assert!(o.status.success(), "kiln kill --all: {o:?}");
+    let o = bounded(&mut pm.cmd(&["wait", "k1"]));
+    assert_eq!(out(&o).trim(), "0", "podman wait k1: {o:?}");
+    let o = pm.run(&["logs", "k1"]);
+    assert!(out(&o).contains("child-got-term"), "{}", out(&o));
+    assert!(out(&o).contains("main-done"), "{}", out(&o));
+    assert!(pm.run(&["rm", "k1"]).status.success());
+}
+
+/// Runs `c` under `timeout 300` (killed after 5 minutes) and collects its output.
+fn bounded(c: &mut Command) -> Output {
+    let mut t = Command::new("timeout");
+    t.args(["-s", "KILL", "300"]).arg(c.get_program());
+    t.args(c.get_args());
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => t.env(k, v),
+            None => t.env_remove(k),
+        };
+    }
+    let o = t.output().expect("running timeout");
+    eprintln!(
+        "{:?} -> {:?}\n  stdout: {}\n  stderr: {}",
+        c.get_program(),
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).trim_end(),
+        String::from_utf8_lossy(&o.stderr).trim_end()
+    );
+    o
+}
+
+/// Runs the shell command `cmd` on a fresh terminal (`script`), at most 5 minutes.
+fn in_script(cmd: &str) -> Output {
+    bounded(Command::new("script").args(["-qec", cmd, "/dev/null"]))
 }
 
 /// The podman command line of `c` as one shell string (paths have no quotes).
