@@ -116,6 +116,9 @@ fn run(pid1: bool, args: Args) -> Result<()> {
         transport::listen_vsock(&agent, port)?;
         // The runtime waits for this console line before its first vsock CONNECT: keep it.
         log::info!("listening on vsock port {port}");
+        if pid1 {
+            boot::log_ready_cost();
+        }
     }
     if let Some(path) = &args.listen_unix {
         transport::listen_unix(&agent, path)?;
