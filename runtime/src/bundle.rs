@@ -370,6 +370,16 @@ fn guest_mounts(
         let is_bind = m.fstype.as_deref() == Some("bind")
             || m.options.iter().any(|o| o == "bind" || o == "rbind");
         if !is_bind {
+            if m.source
+                .as_deref()
+                .is_some_and(|s| s.starts_with(DISK_BY_SERIAL))
+            {
+                return Err(format!(
+                    "mount on {}: sources under {DISK_BY_SERIAL} are reserved for host directory \
+                     binds",
+                    m.destination
+                ));
+            }
             out.push(m.clone());
             continue;
         }
@@ -476,6 +486,15 @@ mod tests {
         let err = b.unwrap().container_spec().unwrap_err().to_string();
         assert!(
             err.contains("bind mount source /nonexistent-kiln on /d: No such file"),
+            "{err}"
+        );
+        let cfg = format!(
+            r#"{BASE},"mounts":[{{"destination":"/d","type":"ext4","source":"/dev/disk/by-id/virtio-kiln801-2"}}]}}"#
+        );
+        let (_t, b) = bundle_with(&cfg);
+        let err = b.unwrap().container_spec().unwrap_err().to_string();
+        assert!(
+            err.contains("are reserved for host directory binds"),
             "{err}"
         );
     }
