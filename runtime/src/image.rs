@@ -211,6 +211,51 @@ pub fn directory_size(root: &Path, max_bytes: u64, max_entries: u64) -> Result<u
 mod tests {
     use super::*;
 
+    /// Packs a small directory for a ro bind twice (the second is a cache hit, hard-linked) and
+    /// for a rw bind (a private copy). Needs mkfs.ext4 (e2fsprogs), as rootfs-builder does.
+    #[test]
+    fn pack_bind_links_ro_and_copies_rw() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("f"), "hello\n").unwrap();
+        let cfg = RuntimeConfig {
+            image_cache: d.path().join("cache"),
+            ..RuntimeConfig::default()
+        };
+        let state = d.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let bind = |read_only, serial: &str| HostBind {
+            source: src.clone(),
+            destination: "/data".into(),
+            read_only,
+            serial: serial.into(),
+        };
+        let first = pack_bind(&cfg, &bind(true, "kiln-bind-0"), &state).unwrap();
+        assert!(!first.cache_hit);
+        let again = pack_bind(&cfg, &bind(true, "kiln-bind-0"), &state).unwrap();
+        assert!(again.cache_hit);
+        eprintln!(
+            "ro bind: built in {:?}, cache hit in {:?}",
+            first.elapsed, again.elapsed
+        );
+        assert_eq!(again.drive.path, state.join("kiln-bind-0.ext4"));
+        assert!(again.drive.read_only);
+        let meta = std::fs::metadata(&again.drive.path).unwrap();
+        assert_eq!(meta.nlink(), 2, "hard link of the cached image");
+        assert_eq!(again.content_bytes, 6);
+        let rw = pack_bind(&cfg, &bind(false, "kiln-bind-1"), &state).unwrap();
+        eprintln!("rw bind (cache hit, private copy) in {:?}", rw.elapsed);
+        assert!(rw.cache_hit && !rw.drive.read_only);
+        let meta = std::fs::metadata(&rw.drive.path).unwrap();
+        assert_eq!(meta.nlink(), 1, "a private copy");
+        assert_ne!(
+            meta.ino(),
+            std::fs::metadata(&again.drive.path).unwrap().ino()
+        );
+    }
+
     #[test]
     fn directory_size_counts_and_limits() {
         let d = tempfile::tempdir().unwrap();
