@@ -7,6 +7,10 @@
 //! container and `ttyname()`/`tty` work. The child keeps the slave for the process's stdio and
 //! sends the master to the agent over a unix socketpair (`SCM_RIGHTS`).
 //!
+//! A container with no `/dev/ptmx` at all (a spec without a `/dev` tmpfs and devpts) still gets
+//! a working terminal: the agent opens a guest pty master before the clone ([`open_guest_master`])
+//! and the child uses it instead; `tty` then names no path, as before.
+//!
 //! [`open_in_child`] runs between `clone` and `execve` (see [`crate::spawn::child`]): system
 //! calls on stack buffers only, no allocation, no locks.
 
@@ -35,27 +39,52 @@ fn errno() -> i32 {
 /// x86_64), 8-byte aligned as `cmsghdr` requires.
 type CmsgBuf = [u64; 4];
 
+/// Agent side, before the clone: a guest pty master, the fallback for a container without
+/// `/dev/ptmx`.
+pub fn open_guest_master() -> io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open("/dev/ptmx")?;
+    Ok(OwnedFd::from(f))
+}
+
 /// Child side: allocates a pty from the devpts behind `/dev/ptmx` of the calling process's mount
-/// namespace and root, sets its size, sends the master over `socket` and returns the slave
-/// (close-on-exec). On failure returns the errno; nothing stays open.
+/// namespace and root (or, only if that does not exist, takes the guest master `fallback`), sets
+/// its size, sends the master over `socket` and returns the slave (close-on-exec). `fallback` is
+/// closed either way. On failure returns the errno; nothing stays open.
 ///
 /// `/dev/ptmx` comes from the container's (untrusted) root: it is opened non-blocking and must
 /// answer the pty-master ioctls, and the slave is obtained with `TIOCGPTPEER` from the master
 /// itself, never by a path lookup.
-pub fn open_in_child(socket: RawFd, size: Option<libc::winsize>) -> Result<RawFd, i32> {
+pub fn open_in_child(
+    socket: RawFd,
+    fallback: RawFd,
+    size: Option<libc::winsize>,
+) -> Result<RawFd, i32> {
+    let close = |fd: RawFd| {
+        // SAFETY: closes a descriptor this function opened or was handed to own.
+        unsafe { libc::close(fd) };
+    };
     // SAFETY: open of a static NUL-terminated path; the descriptor is ours.
-    let master = unsafe {
+    let opened = unsafe {
         libc::open(
             c"/dev/ptmx".as_ptr(),
             libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK,
         )
     };
-    if master < 0 {
-        return Err(errno());
-    }
-    let close = |fd: RawFd| {
-        // SAFETY: closes a descriptor this function opened.
-        unsafe { libc::close(fd) };
+    let master = if opened >= 0 {
+        close(fallback);
+        opened
+    } else {
+        let e = errno();
+        if e != libc::ENOENT {
+            close(fallback);
+            return Err(e);
+        }
+        fallback
     };
     let result = (|| {
         let unlock: libc::c_int = 0;

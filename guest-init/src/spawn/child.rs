@@ -688,11 +688,13 @@ fn prepare_process(plan: &ExecPlan, status_fd: RawFd) -> Step {
     close_all_except(&keep)
 }
 
-/// Allocates the process's pty from the container's `/dev/ptmx` (see [`crate::pty`]), sends the
+/// Allocates the process's pty from the container's `/dev/ptmx` (or uses the guest master
+/// `fallback` when the container has none; see [`crate::pty`]), sends the
 /// master to the agent on `socket` and puts the slave on `socket`'s descriptor number, where the
 /// plan's `Stdio::Pty` expects it.
-pub fn take_pty(socket: RawFd, size: Option<libc::winsize>) -> Step {
-    let slave = crate::pty::open_in_child(socket, size).map_err(|e| fail(Stage::Pty, 0, e))?;
+pub fn take_pty(socket: RawFd, fallback: RawFd, size: Option<libc::winsize>) -> Step {
+    let slave =
+        crate::pty::open_in_child(socket, fallback, size).map_err(|e| fail(Stage::Pty, 0, e))?;
     // SAFETY: dup3 onto a descriptor we own (the socket, no longer needed); closes the socket.
     let rc = unsafe { libc::dup3(slave, socket, libc::O_CLOEXEC) };
     let e = errno();

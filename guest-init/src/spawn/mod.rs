@@ -96,11 +96,19 @@ enum PendingIo {
 
 /// A pty the child allocates in the container's devpts: it sends the master on `socket` (the
 /// child's end of the socketpair) and then puts the slave on that same descriptor number, which
-/// is what the plan's [`Stdio::Pty`] names.
+/// is what the plan's [`Stdio::Pty`] names. `fallback` is a guest pty master, used only by a
+/// container without `/dev/ptmx`.
 #[derive(Clone, Copy)]
 pub struct PtyRequest {
     socket: RawFd,
+    fallback: RawFd,
     size: Option<libc::winsize>,
+}
+
+impl PtyRequest {
+    fn fds(req: Option<Self>) -> Vec<RawFd> {
+        req.map_or_else(Vec::new, |r| vec![r.socket, r.fallback])
+    }
 }
 
 /// Descriptors for a new process: the agent keeps `parent`, the child gets `child`.
@@ -118,15 +126,17 @@ impl IoPair {
         if terminal {
             let (parent, child) =
                 crate::pty::socketpair().map_err(sys("socketpair for the pty"))?;
+            let fallback = crate::pty::open_guest_master().map_err(sys("opening a pty"))?;
             let raw = child.as_raw_fd();
             return Ok(IoPair {
                 parent: PendingIo::Pty { socket: parent },
-                child: vec![child],
-                stdio: Stdio::Pty { slave: raw },
                 pty: Some(PtyRequest {
                     socket: raw,
+                    fallback: fallback.as_raw_fd(),
                     size: size.map(crate::pty::winsize),
                 }),
+                child: vec![child, fallback],
+                stdio: Stdio::Pty { slave: raw },
             });
         }
         let (in_r, in_w) = pipe()?;
@@ -239,6 +249,7 @@ pub fn spawn_container_init(
     let (status_r, status_w) = pipe()?;
     let mut keep: Vec<RawFd> = vec![0, 1, 2, go_r.as_raw_fd(), status_w.as_raw_fd()];
     keep.extend(io.stdio.fds());
+    keep.extend(PtyRequest::fds(io.pty));
     keep.sort_unstable();
     keep.dedup();
     let pid = child::raw_clone(ns.clone_flags)
@@ -321,7 +332,7 @@ fn init_child(
         }
         child::setup_root(root)?;
         if let Some(p) = pty {
-            child::take_pty(p.socket, p.size)?;
+            child::take_pty(p.socket, p.fallback, p.size)?;
         }
         child::send_status(status, StatusMsg::Ready);
         if !child::wait_byte(go)? {
@@ -378,6 +389,7 @@ pub fn spawn_exec(
     let ns_raw: Vec<(RawFd, c_int)> = ns.0.iter().map(|(f, k)| (f.as_raw_fd(), *k)).collect();
     let mut keep: Vec<RawFd> = vec![0, 1, 2, go_r.as_raw_fd(), status_w.as_raw_fd()];
     keep.extend(io.stdio.fds());
+    keep.extend(PtyRequest::fds(io.pty));
     keep.extend(ns_raw.iter().map(|(fd, _)| *fd));
     keep.sort_unstable();
     keep.dedup();
@@ -435,7 +447,7 @@ fn exec_helper(
         child::join_namespaces(ns)?;
         // In the container's mount namespace now: its /dev/ptmx is the container's devpts.
         if let Some(p) = pty {
-            child::take_pty(p.socket, p.size)?;
+            child::take_pty(p.socket, p.fallback, p.size)?;
         }
         child::raw_clone(libc::CLONE_PARENT as c_ulong)
             .map_err(|e| child::Fail::new(child::Stage::Clone, e))

@@ -515,7 +515,8 @@ fn read_pty_until(pty: &mut UnixStream, seen: &mut Vec<u8>, needle: &str) {
 
 /// A terminal process: initial size, ResizeTty, input through the pty, and `tty` naming the
 /// container's own `/dev/pts/N` (the pty comes from the container's devpts), for an exec'd
-/// process and for a container's main process. Uses containers `tt1` and `tt2`.
+/// process and for a container's main process; a container without devpts still gets a working
+/// terminal. Uses containers `tt1`, `tt2` and `tt3`.
 pub fn case_terminal(t: &Target) {
     let c = &t.client;
     // The main process on a terminal: attached before start, as runc clients do.
@@ -533,6 +534,22 @@ pub fn case_terminal(t: &Target) {
     assert_eq!(lines.get(1).copied(), Some("33 77"), "{text}");
     assert_eq!(c.wait("tt2", INIT_EXEC_ID).unwrap(), ExitStatus::Exited(0));
     c.remove("tt2", true).unwrap();
+
+    // A container without a /dev tmpfs and devpts has no /dev/ptmx: the terminal still works
+    // (a guest pty), only `tty` names no path there.
+    let mut bare = sh("stty size; echo fallback-done");
+    bare.terminal = true;
+    bare.console_size = Some(TtySize { rows: 21, cols: 42 });
+    let mut s = spec(bare, true);
+    s.mounts.retain(|m| !m.destination.starts_with("/dev"));
+    c.create_container("tt3", s).unwrap();
+    let mut pty = t.attach("tt3", INIT_EXEC_ID, StdioStream::Pty);
+    c.start("tt3").unwrap();
+    let mut seen = Vec::new();
+    read_pty_until(&mut pty, &mut seen, "fallback-done");
+    assert!(String::from_utf8_lossy(&seen).contains("21 42"));
+    assert_eq!(c.wait("tt3", INIT_EXEC_ID).unwrap(), ExitStatus::Exited(0));
+    c.remove("tt3", true).unwrap();
 
     t.sleeper("tt1", true);
     let mut p = sh("tty; stty size; read line; stty size; echo got-$line");
