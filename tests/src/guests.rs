@@ -209,14 +209,41 @@ impl VmOutput {
     }
 }
 
-fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(mut r) = r {
-            let _ = r.read_to_end(&mut buf);
+/// Output collected by a reader thread, readable before the pipe ends.
+type Drained = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+
+fn drain<R: Read + Send + 'static>(r: Option<R>) -> (Drained, std::thread::JoinHandle<()>) {
+    let buf = Drained::default();
+    let acc = buf.clone();
+    let thread = std::thread::spawn(move || {
+        let Some(mut r) = r else { return };
+        let mut chunk = [0u8; 8192];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            acc.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(&chunk[..n]);
         }
-        buf
-    })
+    });
+    (buf, thread)
+}
+
+/// How long the output pipes may stay open after the child is gone (a grandchild that kept
+/// them open must not hang the test).
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything `drained` read, waiting at most until `deadline` for the pipe to end.
+fn drained_text(
+    (buf, thread): (Drained, std::thread::JoinHandle<()>),
+    deadline: Instant,
+) -> String {
+    while !thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let bytes = buf.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Runs `cmd` to completion, killing it after `timeout`. Stdin is closed; stdout and stderr are
@@ -243,8 +270,9 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<VmOutput>
         std::thread::sleep(Duration::from_millis(2));
     };
     let elapsed = start.elapsed();
-    let stdout = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+    let grace = Instant::now() + DRAIN_GRACE;
+    let stdout = drained_text(out, grace);
+    let stderr = drained_text(err, grace);
     Ok(VmOutput {
         status,
         stdout,
@@ -343,6 +371,8 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 /// its stderr collected; killed and reaped on drop. For tests that talk to a guest while it runs.
 pub struct RunningVm {
     child: std::process::Child,
+    /// Kills host-vmm after [`Self::LIFETIME`], so nothing waiting on this VM blocks forever.
+    _watchdog: crate::bounded::Watchdog,
     lines: std::sync::mpsc::Receiver<String>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
@@ -350,6 +380,8 @@ pub struct RunningVm {
 impl RunningVm {
     /// How long [`RunningVm::wait_line`] waits for a line.
     pub const WAIT: Duration = Duration::from_secs(60);
+    /// How long the VM may run at all before it is killed (these guests need seconds).
+    pub const LIFETIME: Duration = Duration::from_secs(300);
 
     /// Starts host-vmm with `args` (before `--cmdline`) on the PVH guest.
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S], mode: &str) -> RunningVm {
@@ -382,6 +414,7 @@ impl RunningVm {
             }
         });
         RunningVm {
+            _watchdog: crate::bounded::Watchdog::kill_after(&child, Self::LIFETIME, "host-vmm"),
             child,
             lines,
             stderr,
@@ -410,10 +443,11 @@ impl RunningVm {
         self.child.id()
     }
 
-    /// Waits for the exit status (code, or 128 + signal as a shell shows it) and the stderr.
+    /// Waits (at most [`Self::WAIT`], then kills it and panics) for the exit status (code, or
+    /// 128 + signal as a shell shows it) and the stderr.
     pub fn wait(&mut self) -> (i32, String) {
         use std::os::unix::process::ExitStatusExt;
-        let status = self.child.wait().expect("wait");
+        let status = crate::bounded::wait_child(&mut self.child, Self::WAIT, "host-vmm");
         std::thread::sleep(Duration::from_millis(100));
         let code = status
             .code()

@@ -8,6 +8,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+pub mod bounded;
 pub mod e2e;
 pub mod guests;
 pub mod images;

@@ -32,10 +32,16 @@ fn cgroup2_root() -> Option<PathBuf> {
 /// A running agent with its scratch directory and cgroup base.
 struct Agent {
     child: Child,
+    /// Kills the agent after [`AGENT_LIFETIME`]: every client call, stdio read and wait on it
+    /// then ends, so a hang fails the test instead of blocking it forever.
+    _watchdog: kiln_tests::bounded::Watchdog,
     dir: TempDir,
     socket: PathBuf,
     cgroup_base: Option<PathBuf>,
 }
+
+/// How long one agent (one test) may live at all.
+const AGENT_LIFETIME: Duration = Duration::from_secs(300);
 
 impl Agent {
     fn start(tag: &str) -> Agent {
@@ -71,6 +77,11 @@ impl Agent {
         }
         let child = cmd.spawn().expect("spawning unshare + guest-init");
         let agent = Agent {
+            _watchdog: kiln_tests::bounded::Watchdog::kill_after(
+                &child,
+                AGENT_LIFETIME,
+                "the guest-init agent",
+            ),
             child,
             dir,
             socket,

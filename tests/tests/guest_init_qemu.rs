@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use guest_init_common as common;
 use kiln_protocol::transport::{hybrid_vsock_connect, hybrid_vsock_connect_retry};
 use kiln_protocol::{ExitStatus, AGENT_VSOCK_PORT};
+use kiln_tests::bounded::Watchdog;
 use kiln_tests::guests::TempDir;
 use kiln_tests::kernel;
 
@@ -80,6 +81,9 @@ fn wait_for(path: &Path, timeout: Duration) {
     }
 }
 
+/// How long the VM of this test may run at all (it needs seconds to a minute).
+const QEMU_LIFETIME: Duration = Duration::from_secs(600);
+
 #[test]
 fn guest_init_as_pid1_under_qemu_tcg() {
     let vmlinux = kernel::vmlinux();
@@ -130,6 +134,10 @@ fn guest_init_as_pid1_under_qemu_tcg() {
             .spawn()
             .expect("starting qemu-system-x86_64"),
     );
+    // QEMU and the vsock backend are killed after QEMU_LIFETIME: every client call and stdio
+    // read on the agent then ends, so a hang fails the test instead of blocking it forever.
+    let _qemu_watchdog = Watchdog::kill_after(&qemu.0, QEMU_LIFETIME, "QEMU");
+    let _vsock_watchdog = Watchdog::kill_after(&_vsock.0, QEMU_LIFETIME, "vhost-device-vsock");
     let console_text = || std::fs::read_to_string(&console).unwrap_or_default();
 
     // vhost-device-vsock 0.3.0 can drop every CONNECT made while the guest driver is still

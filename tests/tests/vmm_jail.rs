@@ -160,7 +160,7 @@ fn vsock_both_ways_in_the_jail() {
     )
     .expect("chmod listener");
     let mut vm = RunningVm::start(&args, "vsock-connect kiln.vsock.conns=1");
-    let (stream, _) = listener.accept().expect("guest connection");
+    let stream = kiln_tests::bounded::accept(&listener, WAIT, "the jailed guest");
     stream.set_read_timeout(Some(WAIT)).expect("timeout");
     let data = pseudo_random(300_000, 6);
     assert_eq!(echo(stream, &data), data);

@@ -37,10 +37,16 @@ use sha2::{Digest, Sha256};
 /// guest-init as a host process.
 struct HostAgent {
     child: Child,
+    /// Kills the agent after [`AGENT_LIFETIME`]: every client call, stdio read and wait on it
+    /// then ends, so a hang fails the test instead of blocking it forever.
+    _watchdog: kiln_tests::bounded::Watchdog,
     dir: TempDir,
     socket: PathBuf,
     cgroup_base: PathBuf,
 }
+
+/// How long one agent (one test) may live at all.
+const AGENT_LIFETIME: Duration = Duration::from_secs(300);
 
 impl HostAgent {
     fn start(tag: &str) -> HostAgent {
@@ -86,6 +92,11 @@ impl HostAgent {
         }
         let child = cmd.spawn().expect("spawning unshare + guest-init");
         let agent = HostAgent {
+            _watchdog: kiln_tests::bounded::Watchdog::kill_after(
+                &child,
+                AGENT_LIFETIME,
+                "the guest-init agent",
+            ),
             child,
             dir,
             socket,
@@ -659,7 +670,8 @@ fn end_to_end_host_vmm_runs_a_command() {
                 cmd.stdin(File::open(&input_path).unwrap())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped());
-                let out = cmd.output().unwrap();
+                let child = cmd.spawn().unwrap();
+                let out = kiln_tests::bounded::wait_output(child, timeout, "host-vmm");
                 kiln_tests::guests::VmOutput {
                     status: Some(out.status),
                     stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

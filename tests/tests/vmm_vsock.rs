@@ -34,7 +34,12 @@ struct VsockVm {
     uds: PathBuf,
     start: Instant,
     _dir: TempDir,
+    /// Kills host-vmm after [`VM_LIFETIME`]: whatever waits on it then ends.
+    _watchdog: kiln_tests::bounded::Watchdog,
 }
+
+/// How long one VM of these tests may run at all.
+const VM_LIFETIME: Duration = Duration::from_secs(300);
 
 impl VsockVm {
     /// Boots the PVH test guest with `kiln.test=<mode>` plus `cmdline`, a vsock device at
@@ -89,6 +94,7 @@ impl VsockVm {
             acc.lock().unwrap().push_str(&s);
         });
         VsockVm {
+            _watchdog: kiln_tests::bounded::Watchdog::kill_after(&child, VM_LIFETIME, "host-vmm"),
             child: Some(child),
             lines,
             stdout,
@@ -359,7 +365,7 @@ fn vsock_guest_to_host_echo() {
     let listener = listener.lock().unwrap().take().expect("listener");
     let mut handles = Vec::new();
     for i in 0..2u64 {
-        let (stream, _) = listener.accept().expect("guest connection");
+        let stream = kiln_tests::bounded::accept(&listener, IO_TIMEOUT, "the guest");
         stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
         let data = Arc::new(pseudo_random((4 << 20) + i as usize * 4099, 17 + i));
         handles.push(thread::spawn(move || {
@@ -706,7 +712,7 @@ fn vsock_64_guest_initiated_connections() {
     let listener = listener.lock().unwrap().take().expect("listener");
     let handles: Vec<_> = (0..N)
         .map(|i| {
-            let (stream, _) = listener.accept().expect("guest connection");
+            let stream = kiln_tests::bounded::accept(&listener, IO_TIMEOUT, "the guest");
             stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
             let data = Arc::new(pseudo_random(64 * 1024 + i * 101, 5000 + i as u64));
             thread::spawn(move || {

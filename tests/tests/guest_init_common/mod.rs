@@ -175,7 +175,7 @@ impl Target {
         let err = self.attach(id, exec, StdioStream::Stderr);
         let err_reader = std::thread::spawn(move || read_all(err));
         let out = read_all(out);
-        let err = err_reader.join().unwrap();
+        let err = kiln_tests::bounded::join(err_reader, kiln_tests::bounded::WAIT, "stderr");
         let status = c.wait(id, exec).expect("wait");
         (
             status,
@@ -194,10 +194,8 @@ impl Target {
 }
 
 /// Reads a stream to its end.
-pub fn read_all(mut s: UnixStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("reading stdio");
-    out
+pub fn read_all(s: UnixStream) -> Vec<u8> {
+    kiln_tests::bounded::read_to_end(&s, kiln_tests::bounded::WAIT, "a stdio stream")
 }
 
 /// The kind of an agent error.
