@@ -1,4 +1,4 @@
-//! kiln-bench: boot benchmarks (issue 2, "Performance").
+//! `kiln-bench boot`: host-vmm against QEMU microvm on the bare-metal test guest (issue 2).
 //!
 //! `kiln-bench boot [--runs N] [--out PATH | --no-write]` boots the PVH test guest
 //! (`tests/guests`, `kiln.test=marker`) N times under host-vmm and under QEMU `-M microvm`
@@ -12,12 +12,12 @@
 //!   halt), sampled from /proc/PID/status 100 ms after the marker, then the VMM is killed.
 //!
 //! Prints a median/min/max table and the host-vmm/QEMU ratio, and writes it (with date and
-//! machine) to `docs/benchmarks.md` unless `--no-write`. Build it in release mode:
+//! machine) into its section of `docs/benchmarks.md` unless `--no-write`. Build it in release mode:
 //! `cargo run --release -p kiln-tests --bin kiln-bench -- boot`; host-vmm is then built in release
 //! mode too (see `kiln_tests::guests`).
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -197,18 +197,6 @@ fn idle_rss(setup: &Setup, vmm: Vmm) -> Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("RssAnon:")?))
 }
 
-/// median, min, max
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (median, v[0], v[n - 1])
-}
-
 #[derive(Default)]
 struct Series {
     marker_ms: Vec<f64>,
@@ -219,8 +207,8 @@ struct Series {
 }
 
 fn row(label: &str, unit: &str, a: &[f64], b: &[f64], digits: usize) -> String {
-    let (am, amin, amax) = stats(a.to_vec());
-    let (bm, bmin, bmax) = stats(b.to_vec());
+    let (am, amin, amax) = super::stats(a.to_vec());
+    let (bm, bmin, bmax) = super::stats(b.to_vec());
     format!(
         "| {label} ({unit}) | {am:.d$} | {amin:.d$} | {amax:.d$} | {bm:.d$} | {bmin:.d$} | {bmax:.d$} | {:.2}x |",
         am / bm,
@@ -228,49 +216,8 @@ fn row(label: &str, unit: &str, a: &[f64], b: &[f64], digits: usize) -> String {
     )
 }
 
-fn cmd_output(prog: &str, args: &[&str]) -> String {
-    Command::new(prog)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let kvm = if Path::new("/sys/module/kvm_pvm").exists() {
-        "kvm_pvm (PVM, software KVM)"
-    } else if Path::new("/sys/module/kvm_intel").exists() {
-        "kvm_intel"
-    } else if Path::new("/sys/module/kvm_amd").exists() {
-        "kvm_amd"
-    } else {
-        "unknown KVM"
-    };
-    format!("{cpu}, {cores} CPUs, Linux {}, {kvm}", kernel.trim())
-}
-
-fn usage() -> ! {
-    eprintln!("usage: kiln-bench boot [--runs N (>= 1, default 30)] [--out PATH | --no-write]");
-    std::process::exit(1);
-}
-
-fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    if args.next().as_deref() != Some("boot") {
-        usage();
-    }
+/// Runs `kiln-bench boot ARGS`.
+pub fn main(mut args: impl Iterator<Item = String>) -> Result<()> {
     let mut runs = 30usize;
     let mut out = Some(kiln_tests::workspace_root().join("docs/benchmarks.md"));
     while let Some(a) = args.next() {
@@ -280,18 +227,18 @@ fn main() -> Result<()> {
                     .next()
                     .and_then(|v| v.parse().ok())
                     .filter(|&n| n >= 1)
-                    .unwrap_or_else(|| usage())
+                    .unwrap_or_else(|| super::usage())
             }
-            "--out" => out = Some(PathBuf::from(args.next().unwrap_or_else(|| usage()))),
+            "--out" => out = Some(PathBuf::from(args.next().unwrap_or_else(|| super::usage()))),
             "--no-write" => out = None,
-            _ => usage(),
+            _ => super::usage(),
         }
     }
     let setup = Setup {
         host_vmm: host_vmm(),
         kernel: guest(Guest::Pvh),
     };
-    let qemu_version = cmd_output(QEMU, &["--version"]);
+    let qemu_version = super::cmd_output(QEMU, &["--version"]);
     ensure!(!qemu_version.is_empty(), "{QEMU} not found or not runnable");
     let qemu_version = qemu_version.lines().next().unwrap_or_default().to_string();
 
@@ -344,9 +291,9 @@ fn main() -> Result<()> {
         row("RssAnon idle", "KiB", &host.anon_kib, &qemu.anon_kib, 0),
     ]
     .join("\n");
-    let (hm, _, _) = stats(host.marker_ms.clone());
-    let (qm, _, _) = stats(qemu.marker_ms.clone());
-    let (hrss, _, hrss_max) = stats(host.rss_kib.clone());
+    let (hm, _, _) = super::stats(host.marker_ms.clone());
+    let (qm, _, _) = super::stats(qemu.marker_ms.clone());
+    let (hrss, _, hrss_max) = super::stats(host.rss_kib.clone());
     let ratio_ok = hm <= 0.25 * qm;
     let rss_ok = hrss_max < 4096.0;
     let verdict = format!(
@@ -359,14 +306,13 @@ fn main() -> Result<()> {
     println!("{table}\n\n{verdict}");
 
     if let Some(path) = out {
-        let date = cmd_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+        let date = super::cmd_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
         let root = kiln_tests::workspace_root().to_string_lossy().into_owned();
-        let commit = cmd_output("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
+        let commit = super::cmd_output("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
         let doc = format!(
-            "# Benchmarks\n\n\
+            "## Boot: host-vmm vs QEMU microvm, bare-metal test guest\n\n\
              Written by `cargo run --release -p kiln-tests --bin kiln-bench -- boot --runs {runs}` \
-             (source: `tests/src/bin/kiln-bench.rs`). Re-run it to refresh this page.\n\n\
-             ## Boot: host-vmm vs QEMU microvm, bare-metal test guest\n\n\
+             (source: `tests/src/bin/kiln-bench/boot.rs`).\n\n\
              - Date: {date}; commit {commit}{dirty}\n\
              - Load average before the run: {load} (this machine's 2 cores are shared; the spread \
              between min and max is mostly other work)\n\
@@ -393,16 +339,15 @@ fn main() -> Result<()> {
              kernel tearing the VM down when host-vmm closes the KVM VM fd (tens of ms on PVM). \
              QEMU pays the same teardown at exit.\n",
             IDLE_SETTLE.as_millis(),
-            machine = machine(),
+            machine = super::machine(),
             load = load_before.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
-            dirty = if cmd_output("git", &["-C", &root, "status", "--porcelain", "host-vmm"]).is_empty() {
+            dirty = if super::cmd_output("git", &["-C", &root, "status", "--porcelain", "host-vmm"]).is_empty() {
                 ""
             } else {
                 " (host-vmm with uncommitted changes)"
             },
         );
-        std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("kiln-bench: wrote {}", path.display());
+        super::write_section(&path, "boot", &doc)?;
     }
     Ok(())
 }
