@@ -290,15 +290,23 @@ impl AgentClient {
         }
     }
 
-    /// `CreateContainer`: returns the guest pid of the container's main process.
+    /// `CreateContainer` (or `CreateContainerSeccomp`, protocol 1.2, when `spec.seccomp` is set):
+    /// returns the guest pid of the container's main process.
     pub fn create_container(
         &self,
         container_id: &str,
-        spec: ContainerSpec,
+        mut spec: ContainerSpec,
     ) -> Result<u32, ClientError> {
-        let request = Request::CreateContainer {
-            container_id: container_id.into(),
-            spec: Box::new(spec),
+        let request = match spec.seccomp.take() {
+            None => Request::CreateContainer {
+                container_id: container_id.into(),
+                spec: Box::new(spec),
+            },
+            Some(seccomp) => Request::CreateContainerSeccomp {
+                container_id: container_id.into(),
+                spec: Box::new(spec),
+                seccomp: Box::new(seccomp),
+            },
         };
         expect_pid("CreateContainer", self.call(request)?)
     }

@@ -39,11 +39,12 @@ pub use messages::{
 };
 pub use spec::{
     Capabilities, ContainerSpec, IdMapping, LinuxSpec, MountSpec, Namespace, NamespaceKind,
-    ProcessSpec, Resources, Rlimit, RootSpec, TtySize, User,
+    ProcessSpec, Resources, Rlimit, RootSpec, SeccompArg, SeccompProfile, SeccompSyscall, TtySize,
+    User, MAX_SECCOMP_ARGS, MAX_SECCOMP_NAMES, MAX_SECCOMP_NAME_LEN, MAX_SECCOMP_RULES,
 };
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
 
 /// vsock port the agent listens on, for control connections and stdio connections alike (the
 /// first frame, [`HostMessage::Hello`] or [`HostMessage::Attach`], says which one it is).

@@ -203,6 +203,18 @@ pub enum Request {
         /// Signal number, e.g. 15 for SIGTERM.
         signal: i32,
     },
+    /// [`Request::CreateContainer`] with a seccomp profile (`linux.seccomp`), which
+    /// [`ContainerSpec`]'s frozen layout cannot carry: the agent uses `seccomp` as the spec's
+    /// [`ContainerSpec::seccomp`]. Since protocol 1.2; a 1.1 agent answers `Unsupported`, so a
+    /// profile is never silently dropped.
+    CreateContainerSeccomp {
+        /// New container id (unique in this agent).
+        container_id: String,
+        /// What to create (its `seccomp` field is not encoded).
+        spec: Box<ContainerSpec>,
+        /// The profile.
+        seccomp: Box<crate::spec::SeccompProfile>,
+    },
 }
 
 /// The answer to one [`Request`].

@@ -8,8 +8,10 @@
 //!
 //! What the guest cannot know is left to the caller: the guest location of the root filesystem
 //! ([`RootSpec`]; OCI's `root.path` is a host path). Everything the VM cannot honour or that
-//! belongs to the host (hooks, devices, seccomp, apparmor/selinux, rootfs propagation) is not
-//! carried.
+//! belongs to the host (hooks, devices, apparmor/selinux, rootfs propagation) is not carried.
+//! `linux.seccomp` is carried ([`ContainerSpec::seccomp`]) with its enums as OCI strings; a
+//! profile over the limits of [`crate::spec`] (`MAX_SECCOMP_*`) is refused here, and the agent
+//! checks it again.
 
 use std::path::Path;
 
@@ -18,7 +20,8 @@ use thiserror::Error;
 
 use crate::spec::{
     shares_to_weight, Capabilities, ContainerSpec, IdMapping, LinuxSpec, MountSpec, Namespace,
-    NamespaceKind, ProcessSpec, Resources, Rlimit, RootSpec, TtySize, User,
+    NamespaceKind, ProcessSpec, Resources, Rlimit, RootSpec, SeccompArg, SeccompProfile,
+    SeccompSyscall, TtySize, User, MAX_SECCOMP_ARGS, MAX_SECCOMP_NAMES, MAX_SECCOMP_RULES,
 };
 
 /// Why an OCI spec could not be converted.
@@ -38,6 +41,9 @@ pub enum OciConversionError {
         /// The path, lossily printed.
         path: String,
     },
+    /// `linux.seccomp` is larger than the agent accepts.
+    #[error("linux.seccomp: {0}")]
+    SeccompTooLarge(String),
 }
 
 /// Converts an OCI spec. `root` says where the root filesystem is in the guest; its `readonly`
@@ -70,6 +76,65 @@ pub fn container_spec_from_oci(
         hostname: spec.hostname().clone(),
         mounts,
         linux,
+        seccomp: spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.seccomp().as_ref())
+            .map(seccomp_from_oci)
+            .transpose()?,
+    })
+}
+
+/// Converts `linux.seccomp`, refusing a profile over the `MAX_SECCOMP_*` limits.
+pub fn seccomp_from_oci(s: &oci::LinuxSeccomp) -> Result<SeccompProfile, OciConversionError> {
+    let syscalls = s.syscalls().as_deref().unwrap_or_default();
+    if syscalls.len() > MAX_SECCOMP_RULES {
+        return Err(OciConversionError::SeccompTooLarge(format!(
+            "{} syscalls entries, at most {MAX_SECCOMP_RULES}",
+            syscalls.len()
+        )));
+    }
+    let names: usize = syscalls.iter().map(|r| r.names().len()).sum();
+    if names > MAX_SECCOMP_NAMES {
+        return Err(OciConversionError::SeccompTooLarge(format!(
+            "{names} syscall names, at most {MAX_SECCOMP_NAMES}"
+        )));
+    }
+    let mut rules = Vec::with_capacity(syscalls.len());
+    for (i, r) in syscalls.iter().enumerate() {
+        let args = r.args().as_deref().unwrap_or_default();
+        if args.len() > MAX_SECCOMP_ARGS {
+            return Err(OciConversionError::SeccompTooLarge(format!(
+                "syscalls[{i}] has {} args conditions, at most {MAX_SECCOMP_ARGS}",
+                args.len()
+            )));
+        }
+        rules.push(SeccompSyscall {
+            names: r.names().clone(),
+            action: r.action().to_string(),
+            errno_ret: r.errno_ret(),
+            args: args
+                .iter()
+                .map(|a| SeccompArg {
+                    index: u32::try_from(a.index()).unwrap_or(u32::MAX),
+                    value: a.value(),
+                    value_two: a.value_two().unwrap_or(0),
+                    op: a.op().to_string(),
+                })
+                .collect(),
+        });
+    }
+    Ok(SeccompProfile {
+        default_action: s.default_action().to_string(),
+        default_errno_ret: s.default_errno_ret(),
+        architectures: s
+            .architectures()
+            .iter()
+            .flatten()
+            .map(|a| a.to_string())
+            .collect(),
+        flags: s.flags().iter().flatten().map(|f| f.to_string()).collect(),
+        syscalls: rules,
     })
 }
 

@@ -9,7 +9,10 @@
 //!
 //! Wire compatibility: bincode encodes struct fields in order with no names, so the field list of
 //! every struct here is frozen for protocol major version 1. New information goes into new enum
-//! variants (appended at the end) or a new major version.
+//! variants (appended at the end) or a new major version. [`ContainerSpec::seccomp`] is the one
+//! field outside the frozen layout: it is skipped by serde and travels in its own request
+//! variant (`Request::CreateContainerSeccomp`, protocol 1.2), which the client picks when it is
+//! set.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +31,65 @@ pub struct ContainerSpec {
     pub mounts: Vec<MountSpec>,
     /// `linux` in OCI: namespaces, resources, sysctl, masked and read-only paths.
     pub linux: LinuxSpec,
+    /// `linux.seccomp` in OCI. Not part of `ContainerSpec`'s (frozen) wire layout: serde skips
+    /// it, and [`crate::AgentClient::create_container`] sends it in
+    /// `Request::CreateContainerSeccomp` (protocol 1.2) when it is set. Exec'd processes get the
+    /// container's profile, as with runc.
+    #[serde(skip)]
+    pub seccomp: Option<SeccompProfile>,
+}
+
+/// Most `syscalls` entries a [`SeccompProfile`] may have (podman's default profile has ~30).
+pub const MAX_SECCOMP_RULES: usize = 1024;
+/// Most syscall names over all entries of a [`SeccompProfile`] (podman's default: ~380).
+pub const MAX_SECCOMP_NAMES: usize = 4096;
+/// Most argument conditions of one `syscalls` entry (a system call has 6 arguments).
+pub const MAX_SECCOMP_ARGS: usize = 6;
+/// Longest syscall, action, operator, architecture or flag name accepted.
+pub const MAX_SECCOMP_NAME_LEN: usize = 64;
+
+/// `linux.seccomp` of OCI, with the enums as their OCI strings (`SCMP_ACT_ERRNO`,
+/// `SCMP_CMP_MASKED_EQ`, `SCMP_ARCH_X86_64`, `SECCOMP_FILTER_FLAG_LOG`): the agent parses and
+/// checks them, so an unknown value is an error naming it rather than a decode failure.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SeccompProfile {
+    /// `defaultAction`, e.g. `SCMP_ACT_ERRNO`.
+    pub default_action: String,
+    /// `defaultErrnoRet`: errno of an `SCMP_ACT_ERRNO`/`SCMP_ACT_TRACE` default (EPERM if unset).
+    pub default_errno_ret: Option<u32>,
+    /// `architectures`, e.g. `SCMP_ARCH_X86_64`; only x86_64 matters to the guest.
+    pub architectures: Vec<String>,
+    /// `flags`, e.g. `SECCOMP_FILTER_FLAG_LOG`.
+    pub flags: Vec<String>,
+    /// `syscalls`, in order.
+    pub syscalls: Vec<SeccompSyscall>,
+}
+
+/// One `linux.seccomp.syscalls` entry: an action for a set of system calls, optionally only when
+/// all argument conditions hold.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SeccompSyscall {
+    /// `names` of system calls.
+    pub names: Vec<String>,
+    /// `action`, e.g. `SCMP_ACT_ALLOW`.
+    pub action: String,
+    /// `errnoRet` for `SCMP_ACT_ERRNO`/`SCMP_ACT_TRACE` (EPERM if unset).
+    pub errno_ret: Option<u32>,
+    /// `args`: all must hold.
+    pub args: Vec<SeccompArg>,
+}
+
+/// One argument condition of a [`SeccompSyscall`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SeccompArg {
+    /// Argument index, 0..=5.
+    pub index: u32,
+    /// `value` (the mask for `SCMP_CMP_MASKED_EQ`).
+    pub value: u64,
+    /// `valueTwo` (the value compared after masking for `SCMP_CMP_MASKED_EQ`; 0 if unset).
+    pub value_two: u64,
+    /// `op`, e.g. `SCMP_CMP_EQ`.
+    pub op: String,
 }
 
 /// A process to run: the container's main process or an exec'd one.

@@ -54,6 +54,13 @@ fn fake_agent(stream: UnixStream) {
                 kernel: "none".into(),
             }))),
             Request::CreateContainer { .. } => send(reply(Response::Process { pid: 100 })),
+            // Answers with the number of syscalls entries, so the test sees the profile arrived.
+            Request::CreateContainerSeccomp { spec, seccomp, .. } => {
+                assert!(spec.seccomp.is_none(), "the spec's own copy is not encoded");
+                send(reply(Response::Process {
+                    pid: 200 + seccomp.syscalls.len() as u32,
+                }))
+            }
             Request::ExecProcess { exec_id, .. } => {
                 send(reply(Response::Process {
                     pid: 1000 + code_of(&exec_id) as u32,
@@ -115,6 +122,26 @@ fn connected() -> AgentClient {
     let (host, guest) = UnixStream::pair().unwrap();
     thread::spawn(move || fake_agent(guest));
     AgentClient::connect(host, "test").unwrap()
+}
+
+#[test]
+fn create_container_with_seccomp_sends_the_profile() {
+    let client = connected();
+    let spec = ContainerSpec {
+        seccomp: Some(kiln_protocol::SeccompProfile {
+            default_action: "SCMP_ACT_ALLOW".into(),
+            syscalls: vec![kiln_protocol::SeccompSyscall::default(); 2],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert_eq!(client.create_container("c", spec).unwrap(), 202);
+    assert_eq!(
+        client
+            .create_container("d", ContainerSpec::default())
+            .unwrap(),
+        100
+    );
 }
 
 #[test]

@@ -133,3 +133,52 @@ fn unlimited_values_become_none_and_missing_parts_are_errors() {
         Err(OciConversionError::MissingProcess)
     ));
 }
+
+#[test]
+fn converts_seccomp_with_oci_strings_and_refuses_oversized_profiles() {
+    let mut spec: Spec = serde_json::from_str(CONFIG).unwrap();
+    let seccomp = r#"{
+      "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38,
+      "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"],
+      "flags": ["SECCOMP_FILTER_FLAG_LOG"],
+      "syscalls": [
+        {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
+        {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+         "args": [{"index": 0, "value": 8, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]},
+        {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}
+      ]
+    }"#;
+    let mut linux = spec.linux().clone().unwrap();
+    linux.set_seccomp(Some(serde_json::from_str(seccomp).unwrap()));
+    spec.set_linux(Some(linux.clone()));
+    let s = container_spec_from_oci(&spec, RootSpec::default())
+        .unwrap()
+        .seccomp
+        .unwrap();
+    assert_eq!(s.default_action, "SCMP_ACT_ERRNO");
+    assert_eq!(s.default_errno_ret, Some(38));
+    assert_eq!(s.architectures, ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"]);
+    assert_eq!(s.flags, ["SECCOMP_FILTER_FLAG_LOG"]);
+    assert_eq!(s.syscalls.len(), 3);
+    assert_eq!(s.syscalls[0].names, ["read", "write"]);
+    assert_eq!(s.syscalls[1].args[0].op, "SCMP_CMP_MASKED_EQ");
+    assert_eq!(s.syscalls[1].args[0].value, 8);
+    assert_eq!(s.syscalls[2].errno_ret, Some(1));
+
+    // Over MAX_SECCOMP_NAMES names in all: refused with a message naming the limit.
+    let names: Vec<String> = (0..kiln_protocol::MAX_SECCOMP_NAMES + 1)
+        .map(|i| format!("\"s{i}\""))
+        .collect();
+    let big = format!(
+        r#"{{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{{"names": [{}], "action": "SCMP_ACT_ERRNO"}}]}}"#,
+        names.join(",")
+    );
+    linux.set_seccomp(Some(serde_json::from_str(&big).unwrap()));
+    spec.set_linux(Some(linux));
+    let err = container_spec_from_oci(&spec, RootSpec::default()).unwrap_err();
+    assert!(
+        matches!(err, OciConversionError::SeccompTooLarge(_)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("at most 4096"), "{err}");
+}

@@ -10,7 +10,8 @@ use kiln_protocol::{
     decode_body, encode_frame, AgentInfo, AgentMessage, Attach, Capabilities, ContainerSpec,
     ContainerStats, ErrorKind, ErrorReply, Event, ExitStatus, Hello, HelloOk, HostMessage,
     IdMapping, LinuxSpec, MountSpec, Namespace, NamespaceKind, ProcessSpec, ProtocolVersion,
-    Request, Resources, Response, Rlimit, RootSpec, StdioStream, TtySize, User, PROTOCOL_VERSION,
+    Request, Resources, Response, Rlimit, RootSpec, SeccompArg, SeccompProfile, SeccompSyscall,
+    StdioStream, TtySize, User, PROTOCOL_VERSION,
 };
 
 /// Builds expected bodies field by field, spelling out the layout: fixed-width little-endian
@@ -191,7 +192,7 @@ fn golden_attach_and_attach_ok() {
     let expected = Layout::default()
         .tag(1) // HostMessage::Attach
         .u16(1)
-        .u16(1) // protocol 1.1
+        .u16(2) // protocol 1.2 (PROTOCOL_VERSION; 1.2 added CreateContainerSeccomp)
         .str("c")
         .str("e")
         .tag(3) // StdioStream::Pty
@@ -364,7 +365,131 @@ fn full_spec() -> ContainerSpec {
             masked_paths: vec!["/m".into()],
             readonly_paths: vec![],
         },
+        seccomp: None,
     }
+}
+
+fn small_profile() -> SeccompProfile {
+    SeccompProfile {
+        default_action: "SCMP_ACT_ALLOW".into(),
+        default_errno_ret: Some(38),
+        architectures: vec!["SCMP_ARCH_X86_64".into()],
+        flags: vec![],
+        syscalls: vec![SeccompSyscall {
+            names: vec!["mkdir".into()],
+            action: "SCMP_ACT_ERRNO".into(),
+            errno_ret: None,
+            args: vec![SeccompArg {
+                index: 1,
+                value: 0o700,
+                value_two: 0,
+                op: "SCMP_CMP_EQ".into(),
+            }],
+        }],
+    }
+}
+
+/// `ContainerSpec::seccomp` is outside the frozen layout (serde skips it): a spec with a
+/// profile encodes as `CreateContainer` exactly as the golden vector above, so old agents keep
+/// decoding it; the profile travels only in `CreateContainerSeccomp`.
+#[test]
+fn seccomp_field_does_not_change_create_container() {
+    let with = HostMessage::Request {
+        id: 9,
+        request: Request::CreateContainer {
+            container_id: "c".into(),
+            spec: Box::new(ContainerSpec {
+                seccomp: Some(small_profile()),
+                ..full_spec()
+            }),
+        },
+    };
+    let without = HostMessage::Request {
+        id: 9,
+        request: Request::CreateContainer {
+            container_id: "c".into(),
+            spec: Box::new(full_spec()),
+        },
+    };
+    assert_eq!(
+        encode_frame(&with).unwrap(),
+        encode_frame(&without).unwrap()
+    );
+}
+
+/// `CreateContainerSeccomp` (protocol 1.2) is appended after `SignalContainer`: tag 13, then
+/// the spec (here the default one) and the profile.
+#[test]
+fn golden_create_container_seccomp() {
+    let msg = HostMessage::Request {
+        id: 3,
+        request: Request::CreateContainerSeccomp {
+            container_id: "c".into(),
+            spec: Box::default(),
+            seccomp: Box::new(small_profile()),
+        },
+    };
+    let expected = Layout::default()
+        .tag(2)
+        .u64(3)
+        .tag(13) // Request::CreateContainerSeccomp
+        .str("c")
+        // process: args, env, cwd, uid, gid, additional gids, umask, terminal, console size,
+        // rlimits, no_new_privileges, capabilities, oom_score_adj
+        .strs(&[])
+        .strs(&[])
+        .str("")
+        .u32(0)
+        .u32(0)
+        .u64(0)
+        .none()
+        .bool(false)
+        .none()
+        .u64(0)
+        .bool(false)
+        .none()
+        .none()
+        // root: device, fstype, path, readonly
+        .none()
+        .str("")
+        .str("")
+        .bool(false)
+        // hostname, mounts
+        .none()
+        .u64(0)
+        // linux: namespaces, mappings, 8 resources, cgroups path, sysctl, masked, readonly
+        .u64(0)
+        .u64(0)
+        .u64(0)
+        .none()
+        .none()
+        .none()
+        .none()
+        .none()
+        .none()
+        .none()
+        .none()
+        .none()
+        .u64(0)
+        .u64(0)
+        .u64(0)
+        // profile: default action, default errno, architectures, flags, syscalls
+        .str("SCMP_ACT_ALLOW")
+        .some()
+        .u32(38)
+        .strs(&["SCMP_ARCH_X86_64"])
+        .strs(&[])
+        .u64(1)
+        .strs(&["mkdir"])
+        .str("SCMP_ACT_ERRNO")
+        .none()
+        .u64(1)
+        .u32(1)
+        .u64(0o700)
+        .u64(0)
+        .str("SCMP_CMP_EQ")
+        .frame();
+    check(&msg, &expected);
 }
 
 #[test]
@@ -507,6 +632,11 @@ fn every_request_round_trips() {
         Request::SignalContainer {
             container_id: "c".into(),
             signal: 9,
+        },
+        Request::CreateContainerSeccomp {
+            container_id: "c".into(),
+            spec: Box::new(full_spec()),
+            seccomp: Box::new(small_profile()),
         },
     ];
     for (id, request) in requests.into_iter().enumerate() {
