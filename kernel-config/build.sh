@@ -57,6 +57,10 @@ main() {
     die() { echo "kiln-kernel: error: $*" >&2; exit 1; }
 
     [[ -f "$FRAGMENT" ]] || die "$FRAGMENT: config fragment missing"
+    # A flavour may add its own fragment, merged after kiln.config (its lines win).
+    fragments=("$FRAGMENT")
+    flavour_fragment="$HERE/kiln-$flavour.config"
+    [[ "$flavour" == default || ! -f "$flavour_fragment" ]] || fragments+=("$flavour_fragment")
 
     # --- dependencies ----------------------------------------------------------------------------
     missing=()
@@ -85,6 +89,8 @@ main() {
         # (no line for the default flavour: its keys stay what they were before flavours existed)
         [[ "$flavour" == default ]] || printf 'flavour=%s\n' "$flavour"
         printf '== kiln.config\n'; cat "$FRAGMENT"
+        # (likewise no line without a flavour fragment)
+        [[ ${#fragments[@]} -eq 1 ]] || { printf '== %s\n' "$(basename "$flavour_fragment")"; cat "$flavour_fragment"; }
         local p
         for p in "${patches[@]}"; do printf '== patch %s\n' "$(basename "$p")"; cat "$p"; done
     }
@@ -125,6 +131,9 @@ main() {
     build_root="$CACHE_ROOT/build"
     src="$build_root/src-$src_key"
     obj="$build_root/obj-$src_key"
+    # A flavour with its own config fragment gets its own object directory: switching flavours
+    # then recompiles only what the patch switch touches, not every file the config changes.
+    [[ ${#fragments[@]} -eq 1 ]] || obj="$build_root/obj-$src_key-$flavour"
     log="$build_root/build-$key.log"
     mkdir -p "$build_root"
     : >"$log"
@@ -189,21 +198,30 @@ main() {
     kmake() { make -C "$src" O="$obj" ARCH=x86_64 "$@"; }
     run "make tinyconfig" kmake tinyconfig
     run "merging kiln.config" \
-        "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "$FRAGMENT"
+        "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "${fragments[@]}"
     run "make olddefconfig" kmake olddefconfig
 
+    # Every line of the fragments must survive; a kiln.config line whose symbol the flavour
+    # fragment sets again is checked in the flavour fragment's form only.
     bad=()
-    while IFS= read -r line; do
-        if [[ "$line" =~ ^(CONFIG_[A-Za-z0-9_]+)=(.*)$ ]]; then
-            sym="${BASH_REMATCH[1]}"
-            grep -qxF "$line" "$obj/.config" \
-                || bad+=("$line (got: $(grep -E "^(# )?$sym[= ]" "$obj/.config" || echo unset))")
-        elif [[ "$line" =~ ^#\ (CONFIG_[A-Za-z0-9_]+)\ is\ not\ set$ ]]; then
-            sym="${BASH_REMATCH[1]}"
-            ! grep -qE "^$sym=" "$obj/.config" \
-                || bad+=("$line (got: $(grep -E "^$sym=" "$obj/.config"))")
-        fi
-    done <"$FRAGMENT"
+    flavour_syms=""
+    [[ ${#fragments[@]} -eq 1 ]] \
+        || flavour_syms="$(grep -oE 'CONFIG_[A-Za-z0-9_]+' "$flavour_fragment" | sort -u)"
+    for frag in "${fragments[@]}"; do
+        while IFS= read -r line; do
+            if [[ "$line" =~ ^(CONFIG_[A-Za-z0-9_]+)=(.*)$ ]]; then
+                sym="${BASH_REMATCH[1]}"
+                [[ "$frag" != "$FRAGMENT" ]] || ! grep -qxF "$sym" <<<"$flavour_syms" || continue
+                grep -qxF "$line" "$obj/.config" \
+                    || bad+=("$line (got: $(grep -E "^(# )?$sym[= ]" "$obj/.config" || echo unset))")
+            elif [[ "$line" =~ ^#\ (CONFIG_[A-Za-z0-9_]+)\ is\ not\ set$ ]]; then
+                sym="${BASH_REMATCH[1]}"
+                [[ "$frag" != "$FRAGMENT" ]] || ! grep -qxF "$sym" <<<"$flavour_syms" || continue
+                ! grep -qE "^$sym=" "$obj/.config" \
+                    || bad+=("$line (got: $(grep -E "^$sym=" "$obj/.config"))")
+            fi
+        done <"$frag"
+    done
     if ((${#bad[@]})); then
         echo "kiln-kernel: error: these kiln.config options did not survive olddefconfig:" >&2
         printf '  %s\n' "${bad[@]}" >&2
