@@ -5,6 +5,7 @@
 //! - [`state`]: container state under `--root`, locks, liveness.
 //! - [`bundle`]: OCI bundles to the agent's `ContainerSpec` and a VM size.
 //! - [`image`]: the container's disk (rootfs-builder, cached).
+//! - [`cgroups`]: the host cgroup of the VM processes (`linux.cgroupsPath`, host limits).
 //! - [`sandbox`]: the VM of one container (backend choice, launch, agent connection, kill).
 //! - [`shim`]: the per-container shim and the exec shim (stdio relay, exit codes).
 //! - [`console`]: host ptys and `--console-socket`.
@@ -13,6 +14,7 @@
 //! - [`vm`]: launching agent microVMs (host-vmm or QEMU microvm), shared with tests and benchmarks.
 
 pub mod bundle;
+pub mod cgroups;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -2,11 +2,13 @@
 //! without starting it), write the pid file. Everything is removed again if any step fails.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Child;
 use std::time::Instant;
 
 use super::{write_pid_file, CommandError, Context};
 use crate::bundle::{Bundle, VmSize, ANNOTATION_VMM};
+use crate::cgroups::{resolve_path, CgroupError, HostCgroup, Limits};
 use crate::cli::CreateArgs;
 use crate::config::VmmChoice;
 use crate::image::pack_rootfs;
@@ -121,6 +123,7 @@ pub fn create(ctx: &Context, args: &CreateArgs, own_terminal: bool) -> Result<Ch
             CommandError::io(&path, "serialise", std::io::Error::other(e.to_string()))
         })?;
         std::fs::write(&path, json).map_err(|e| CommandError::io(&path, "write", e))?;
+        host_cgroup(&bundle, &args.id, size, &dir)?;
         let shim_started = Instant::now();
         let mut child = ctx.spawn_helper(&["shim", "--id", &args.id])?;
         let state = ctx.store.load(&args.id)?;
@@ -156,9 +159,46 @@ pub fn create(ctx: &Context, args: &CreateArgs, own_terminal: bool) -> Result<Ch
         if let Ok(state) = ctx.store.load(&args.id) {
             super::delete::kill_processes(&state);
         }
+        if let Some(cg) = HostCgroup::load(&dir) {
+            cg.kill_leftovers();
+            cg.remove();
+        }
         let _ = ctx.store.remove(&args.id);
     }
     result
+}
+
+/// Creates the container's host cgroup (`linux.cgroupsPath`, else `/kiln/ID`), writes the host
+/// limits and records it in `dir` for the shim (which joins it before it spawns the VMM) and
+/// `delete`. A failure is an error when the spec names the path; without one, only a warning.
+fn host_cgroup(bundle: &Bundle, id: &str, size: VmSize, dir: &Path) -> Result<(), CommandError> {
+    let named = bundle
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone())
+        .map(|p| p.to_string_lossy().into_owned());
+    let wrap =
+        |e: CgroupError| CommandError::Cgroup(format!("{}/config.json", bundle.dir.display()), e);
+    let path = resolve_path(named.as_deref(), id).map_err(wrap)?;
+    let limits = Limits::from_spec(&bundle.spec, size.memory_mib);
+    let cg = match HostCgroup::setup(&path, &limits) {
+        Ok(cg) => cg,
+        Err(e) if named.is_none() => {
+            log::warn!(
+                "container {id}: no host cgroup: {}",
+                kiln_protocol::error_chain(&e)
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(wrap(e)),
+    };
+    if let Err(e) = cg.save(dir) {
+        cg.remove();
+        return Err(wrap(e));
+    }
+    log::info!("container {id}: host cgroup {path} ({:?})", cg.limits);
+    Ok(())
 }
 
 /// The config name of a VMM choice.

@@ -41,6 +41,10 @@ pub fn run(ctx: &Context, args: &DeleteArgs) -> Result<i32, CommandError> {
             }
         }
         kill_processes(state);
+        if let Some(cg) = crate::cgroups::HostCgroup::load(&ctx.store.dir(&args.id)) {
+            cg.kill_leftovers();
+            cg.remove();
+        }
         if let Ok(bundle) = crate::bundle::Bundle::load(&state.bundle) {
             let mut oci = state.oci_state();
             oci["status"] = "stopped".into();

@@ -62,6 +62,9 @@ pub enum CommandError {
     /// A call to the agent failed.
     #[error("{0}")]
     Agent(String, #[source] kiln_protocol::ClientError),
+    /// The host cgroup (the string names the bundle's config.json).
+    #[error("{0}")]
+    Cgroup(String, #[source] crate::cgroups::CgroupError),
     /// A file operation.
     #[error("{path}: {op}")]
     Io {

@@ -66,6 +66,9 @@ pub enum ShimError {
     /// Other stdio plumbing.
     #[error("stdio: {0}")]
     Stdio(String),
+    /// Joining the container's host cgroup failed.
+    #[error("cannot join the host cgroup")]
+    Cgroup(#[source] crate::cgroups::CgroupError),
 }
 
 /// What `create` hands to the shim (`shim.json` in the state directory).
@@ -161,6 +164,10 @@ fn setup(
         memory_mib: req.memory_mib,
         vcpus: req.vcpus,
     };
+    // Join the host cgroup before the VMM is spawned: every VM process inherits it.
+    if let Some(cg) = crate::cgroups::HostCgroup::load(&dir) {
+        cg.join(0).map_err(ShimError::Cgroup)?;
+    }
     let sandbox = sandbox_slot.insert(Sandbox::launch(
         cfg,
         choice,
