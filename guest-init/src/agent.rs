@@ -85,6 +85,8 @@ pub struct Container {
     pub start: Option<InitHandle>,
     pub started: bool,
     pub processes: HashMap<String, Process>,
+    /// The container's seccomp filter, also installed in exec'd processes (as runc does).
+    pub seccomp: Option<Arc<crate::spawn::seccomp::SeccompProgram>>,
     oom_seen: u64,
 }
 
@@ -99,6 +101,7 @@ impl Container {
             start: None,
             started: false,
             processes: HashMap::new(),
+            seccomp: None,
             oom_seen,
         }
     }

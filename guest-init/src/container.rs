@@ -16,6 +16,7 @@ use kiln_protocol::{
 use crate::agent::{err, no_container, no_process, Agent, Container};
 use crate::cgroup::Cgroup;
 use crate::spawn::plan::{ExecPlan, NamespaceSet, PlanError, RootPlan};
+use crate::spawn::seccomp::SeccompProgram;
 use crate::spawn::{self, IoPair, NamespaceFds, ParentIo, SpawnError};
 use crate::stdio::{OutStream, StdinSlot};
 
@@ -136,6 +137,28 @@ impl Agent {
         }
         let root = RootPlan::new(spec, &self.opts.image_root).map_err(invalid)?;
         let mut exec = ExecPlan::new(&spec.process).map_err(invalid)?;
+        exec.seccomp = match &spec.seccomp {
+            None => None,
+            Some(profile) => {
+                let filter = SeccompProgram::compile(profile)
+                    .map_err(|e| err(ErrorKind::InvalidArgument, e.to_string()))?;
+                for w in &filter.warnings {
+                    log::warn!("container {id}: {w}");
+                }
+                if !filter.unknown_names.is_empty() {
+                    log::warn!(
+                        "container {id}: seccomp: {} syscall names unknown on x86_64 skipped: {}",
+                        filter.unknown_names.len(),
+                        filter.unknown_names.join(" ")
+                    );
+                }
+                log::info!(
+                    "container {id}: seccomp filter of {} instructions",
+                    filter.instructions()
+                );
+                Some(Arc::new(filter))
+            }
+        };
         let cgroup = Cgroup::create(&self.opts.cgroup_base, id)
             .map_err(|e| err(ErrorKind::Io, e.to_string()))?;
         let cgroup = Arc::new(cgroup);
@@ -145,10 +168,11 @@ impl Agent {
         }
         let io = IoPair::new(exec.terminal, spec.process.console_size)
             .map_err(|e| spawn_failed("creating stdio", e))?;
+        let seccomp = exec.seccomp.clone();
         let register = |pid: i32| -> Result<(), String> {
-            self.lock()
-                .containers
-                .insert(id.to_string(), Container::new(cgroup.clone(), ns, pid));
+            let mut container = Container::new(cgroup.clone(), ns, pid);
+            container.seccomp = seccomp.clone();
+            self.lock().containers.insert(id.to_string(), container);
             self.register_process(id, INIT_EXEC_ID, pid);
             cgroup.add(pid).map_err(|e| e.to_string())
         };
@@ -206,7 +230,7 @@ impl Agent {
         spec: &ProcessSpec,
     ) -> Result<u32, ErrorReply> {
         check_id("exec id", exec_id)?;
-        let exec = ExecPlan::new(spec).map_err(invalid)?;
+        let mut exec = ExecPlan::new(spec).map_err(invalid)?;
         let (ns, init_pid, cgroup) = {
             let mut st = self.lock();
             let c = st.containers.get_mut(id).ok_or_else(|| no_container(id))?;
@@ -229,6 +253,7 @@ impl Agent {
                 ));
             }
             let found = (c.ns, c.init_pid, c.cgroup.clone());
+            exec.seccomp = c.seccomp.clone();
             if !self.reserve_process(&mut st, id, exec_id) {
                 return Err(err(
                     ErrorKind::AlreadyExists,

@@ -268,6 +268,16 @@ fn dispatch(agent: &Agent, request: Request) -> Result<Response, ErrorReply> {
         Request::CreateContainer { container_id, spec } => Response::Process {
             pid: agent.create_container(&container_id, &spec)?,
         },
+        Request::CreateContainerSeccomp {
+            container_id,
+            mut spec,
+            seccomp,
+        } => {
+            spec.seccomp = Some(*seccomp);
+            Response::Process {
+                pid: agent.create_container(&container_id, &spec)?,
+            }
+        }
         Request::StartContainer { container_id } => {
             agent.start_container(&container_id)?;
             Response::Ok

@@ -12,6 +12,7 @@ use std::os::fd::RawFd;
 
 use libc::{c_int, c_long, c_ulong};
 
+use super::caps::CapsPlan;
 use super::plan::{ExecPlan, MountStep, RootPlan, Stdio};
 
 /// Size of one message on the status pipe.
@@ -92,12 +93,17 @@ pub enum Stage {
     Exec,
     /// Allocating the pty in the container's devpts (`/dev/ptmx`) and handing its master over.
     Pty,
+    /// Capabilities: bounding set (index = capability), keepcaps (index 100), capset (index
+    /// 200), ambient (index 201 clear, 202 + capability raise).
+    Capabilities,
+    /// Installing the seccomp filter.
+    Seccomp,
 }
 
 impl Stage {
     fn from_u16(v: u16) -> Option<Stage> {
         use Stage::*;
-        const ALL: [Stage; 28] = [
+        const ALL: [Stage; 30] = [
             Sync,
             Signals,
             CgroupNs,
@@ -126,6 +132,8 @@ impl Stage {
             CloseFds,
             Exec,
             Pty,
+            Capabilities,
+            Seccomp,
         ];
         ALL.iter().copied().find(|s| *s as u16 == v)
     }
@@ -163,6 +171,8 @@ impl Stage {
             Stage::Pty => {
                 "opening a pty from the container's /dev/ptmx (is devpts mounted on /dev/pts?)"
             }
+            Stage::Capabilities => "applying capabilities",
+            Stage::Seccomp => "installing the seccomp filter",
         }
     }
 }
@@ -665,6 +675,28 @@ fn prepare_process(plan: &ExecPlan, status_fd: RawFd) -> Step {
     // SAFETY: chdir to a NUL-terminated path from the plan.
     let rc = unsafe { libc::chdir(plan.cwd.as_ptr()) };
     check(rc.into(), Stage::Cwd, 0)?;
+    // Everything but stdio and the status pipe (close-on-exec) goes, before a seccomp filter
+    // could refuse close_range.
+    let mut keep = [0, 1, 2, status_fd];
+    keep.sort_unstable();
+    close_all_except(&keep)?;
+    // runc's order: no_new_privs; without it seccomp needs CAP_SYS_ADMIN, so the filter goes
+    // in before capabilities are dropped (and must allow the calls that follow); with it, as
+    // late as possible. Then the bounding set, the user switch keeping the permitted set, the
+    // other capability sets.
+    if plan.no_new_privs {
+        // SAFETY: prctl with integer arguments.
+        let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as c_ulong, 0, 0, 0) };
+        check(rc.into(), Stage::NoNewPrivs, 0)?;
+    }
+    if !plan.no_new_privs {
+        install_seccomp(plan)?;
+    }
+    if let Some(caps) = &plan.caps {
+        caps.drop_bounding()
+            .map_err(|(cap, e)| fail(Stage::Capabilities, cap as usize, e))?;
+        CapsPlan::keep_caps(true).map_err(|e| fail(Stage::Capabilities, 100, e))?;
+    }
     // Raw system calls: musl's wrappers broadcast to all threads, which do not exist here.
     // SAFETY: setgroups reads `groups.len()` gids from the plan's vector.
     let rc = unsafe { libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()) };
@@ -675,17 +707,24 @@ fn prepare_process(plan: &ExecPlan, status_fd: RawFd) -> Step {
     // SAFETY: as above.
     let rc = unsafe { libc::syscall(libc::SYS_setresuid, plan.uid, plan.uid, plan.uid) };
     check(rc, Stage::User, 2)?;
+    if let Some(caps) = &plan.caps {
+        CapsPlan::keep_caps(false).map_err(|e| fail(Stage::Capabilities, 100, e))?;
+        caps.apply()
+            .map_err(|(step, e)| fail(Stage::Capabilities, 200 + step as usize, e))?;
+    }
     // SAFETY: umask has no memory effects.
     unsafe { libc::umask(plan.umask) };
     if plan.no_new_privs {
-        // SAFETY: prctl with integer arguments.
-        let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as c_ulong, 0, 0, 0) };
-        check(rc.into(), Stage::NoNewPrivs, 0)?;
+        install_seccomp(plan)?;
     }
-    // Everything but stdio and the status pipe (close-on-exec) goes.
-    let mut keep = [0, 1, 2, status_fd];
-    keep.sort_unstable();
-    close_all_except(&keep)
+    Ok(())
+}
+
+fn install_seccomp(plan: &ExecPlan) -> Step {
+    match &plan.seccomp {
+        Some(filter) => filter.install().map_err(|e| fail(Stage::Seccomp, 0, e)),
+        None => Ok(()),
+    }
 }
 
 /// Allocates the process's pty from the container's `/dev/ptmx` (or uses the guest master

@@ -9,8 +9,11 @@
 //! In both cases the parent registers the new pid (process table, cgroup) before the child may
 //! exec, so no exit can go unnoticed. Plans come from [`plan`]; the child code is in [`child`].
 
+pub mod caps;
 pub mod child;
 pub mod plan;
+pub mod seccomp;
+pub mod syscalls;
 
 use std::fs::File;
 use std::io::{Read, Write};

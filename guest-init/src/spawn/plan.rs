@@ -13,6 +13,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use kiln_protocol::{ContainerSpec, MountSpec, NamespaceKind, ProcessSpec};
+use std::sync::Arc;
+
+use super::caps::{self, CapsPlan};
+use super::seccomp::SeccompProgram;
 use libc::{c_int, c_ulong};
 use thiserror::Error;
 
@@ -147,6 +151,11 @@ pub struct ExecPlan {
     pub rlimits: Vec<(c_int, libc::rlimit64)>,
     /// Set `PR_SET_NO_NEW_PRIVS`.
     pub no_new_privs: bool,
+    /// `process.capabilities`; `None` keeps the agent's (root's) capabilities.
+    pub caps: Option<CapsPlan>,
+    /// The container's seccomp filter (set by the caller: it belongs to the container, not
+    /// to the process spec), installed last before `execve`.
+    pub seccomp: Option<Arc<SeccompProgram>>,
     /// Contents for `/proc/self/oom_score_adj`.
     pub oom_score_adj: Option<Vec<u8>>,
     /// Whether the process runs on a pty.
@@ -253,6 +262,16 @@ impl ExecPlan {
                 )))
             }
         };
+        let caps = match &spec.capabilities {
+            None => None,
+            Some(c) => {
+                let (plan, warnings) = CapsPlan::new(c, caps::kernel_last_cap())?;
+                for w in warnings {
+                    log::warn!("process {:?}: {w}", spec.args.first());
+                }
+                Some(plan)
+            }
+        };
         let umask = spec.user.umask.unwrap_or(0o022);
         if umask > 0o777 {
             return Err(PlanError::Invalid(format!("umask {umask:o} above 0777")));
@@ -268,6 +287,8 @@ impl ExecPlan {
             umask: umask as libc::mode_t,
             rlimits,
             no_new_privs: spec.no_new_privileges,
+            caps,
+            seccomp: None,
             oom_score_adj,
             terminal: spec.terminal,
             stdio: Stdio::Pipes {
