@@ -444,14 +444,30 @@ impl HostCgroup {
         }
     }
 
-    /// Removes the directories kiln created, innermost first, once empty (a busy one is
-    /// retried for up to 2 s, then left with a warning). Directories kiln did not create stay.
+    /// Removes the directories kiln created, innermost first. The container's own directory is
+    /// retried for up to 2 s while busy (exiting processes), then left with a warning; a parent
+    /// kiln made is removed only if empty (other containers may be under it). Directories kiln
+    /// did not create stay.
     pub fn remove(&self) {
         for d in &self.dirs {
             for dir in d.created.iter().rev() {
-                if let Err(e) = rmdir_retry(dir) {
-                    log::warn!("cgroup {}: cannot remove it: {e}", dir.display());
-                    break;
+                let own = *dir == d.dir;
+                let result = if own {
+                    rmdir_retry(dir)
+                } else {
+                    fs::remove_dir(dir)
+                };
+                match result {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) if own => {
+                        log::warn!("cgroup {}: cannot remove it: {e}", dir.display());
+                        break;
+                    }
+                    Err(e) => {
+                        log::debug!("cgroup {}: kept: {e}", dir.display());
+                        break;
+                    }
                 }
             }
         }
@@ -481,34 +497,59 @@ fn cg_dir<'a>(
     path: &str,
     cg: &'a mut HostCgroup,
 ) -> Result<&'a CgroupDir, CgroupError> {
-    let mut dir = h.mount.clone();
-    let mut created = Vec::new();
+    let mut created: Vec<PathBuf> = Vec::new();
     let mut result = Ok(());
-    for part in path.split('/').filter(|c| !c.is_empty()) {
-        let parent = dir.clone();
-        if h.v2 {
-            enable_v2_controllers(&parent);
-        }
-        dir.push(part);
-        match fs::create_dir(&dir) {
-            Ok(()) => {
-                created.push(dir.clone());
-                if h.controllers.iter().any(|c| c == "cpuset") {
-                    if let Err(e) = inherit_cpuset(&parent, &dir) {
-                        result = Err(e);
-                        break;
+    // A parent kiln made can vanish under us when another container's delete removes it
+    // (empty) just before our mkdir below it: start again, a few times.
+    for attempt in 0..3 {
+        let mut dir = h.mount.clone();
+        result = Ok(());
+        for part in path.split('/').filter(|c| !c.is_empty()) {
+            let parent = dir.clone();
+            if h.v2 {
+                enable_v2_controllers(&parent);
+            }
+            dir.push(part);
+            match fs::create_dir(&dir) {
+                Ok(()) => {
+                    if !created.contains(&dir) {
+                        created.push(dir.clone());
+                    }
+                    if h.controllers.iter().any(|c| c == "cpuset") {
+                        if let Err(e) = inherit_cpuset(&parent, &dir) {
+                            result = Err(e);
+                            break;
+                        }
                     }
                 }
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                result = Err(io_err(&dir, "create")(e));
-                break;
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    let retry = e.kind() == io::ErrorKind::NotFound && attempt < 2;
+                    result = Err(io_err(&dir, "create")(e));
+                    if retry {
+                        break;
+                    }
+                    return finish(cg, h, path, created, result);
+                }
             }
         }
+        if result.is_ok() {
+            break;
+        }
     }
+    finish(cg, h, path, created, result)
+}
+
+/// Records the directory (also on failure, so that what was made is removed).
+fn finish<'a>(
+    cg: &'a mut HostCgroup,
+    h: &Hierarchy,
+    path: &str,
+    created: Vec<PathBuf>,
+    result: Result<(), CgroupError>,
+) -> Result<&'a CgroupDir, CgroupError> {
     cg.dirs.push(CgroupDir {
-        dir,
+        dir: h.mount.join(path.trim_start_matches('/')),
         v2: h.v2,
         controllers: h.controllers.clone(),
         created,
@@ -644,6 +685,28 @@ mod tests {
             [("pids.max", "164".to_string())]
         );
         assert!(l.writes(&dir(false, &["freezer"])).is_empty());
+    }
+
+    #[test]
+    fn a_shared_parent_outlives_its_containers() {
+        let mount = std::env::temp_dir().join(format!("kiln-cg-unit-{}", std::process::id()));
+        fs::create_dir_all(&mount).unwrap();
+        let h = [Hierarchy {
+            mount: mount.clone(),
+            v2: false,
+            controllers: vec!["freezer".into()],
+        }];
+        let a = HostCgroup::setup_in(&h, "/kiln/a", &Limits::default()).unwrap();
+        let b = HostCgroup::setup_in(&h, "/kiln/b", &Limits::default()).unwrap();
+        assert_eq!(a.dirs[0].created, [mount.join("kiln"), mount.join("kiln/a")]);
+        assert_eq!(b.dirs[0].created, [mount.join("kiln/b")]);
+        a.remove();
+        assert!(!mount.join("kiln/a").exists());
+        assert!(mount.join("kiln/b").exists());
+        b.remove();
+        assert!(!mount.join("kiln/b").exists());
+        assert!(mount.join("kiln").exists(), "b did not make the parent");
+        fs::remove_dir_all(&mount).unwrap();
     }
 
     #[test]
