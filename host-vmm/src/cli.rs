@@ -46,12 +46,9 @@ pub struct Cli {
     pub rootfs: Option<PathBuf>,
     /// Extra disk after the rootfs (/dev/vdb, /dev/vdc, ... in order; at most 8):
     /// `PATH[,ro][,serial=ID]`, `,,` for a comma in PATH. The guest can find it by its serial
-    /// (`/sys/block/vdX/serial`). Not with --jail.
-    #[arg(
-        long = "drive",
-        value_name = "PATH[,ro][,serial=ID]",
-        conflicts_with = "jail"
-    )]
+    /// (`/sys/block/vdX/serial`). With --jail it is bound into the jail like the rootfs
+    /// (read-only for `ro`).
+    #[arg(long = "drive", value_name = "PATH[,ro][,serial=ID]")]
     pub drives: Vec<crate::devices::virtio::DriveConfig>,
     /// Guest memory in MiB.
     #[arg(long, value_name = "N", default_value_t = 128)]
@@ -84,8 +81,9 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
     pub seccomp: SeccompMode,
     /// Confine the VMM before the guest runs: new mount/PID/IPC/UTS/net namespaces, root
-    /// pivoted into DIR (created if missing; it gets the kernel, the image, /dev/kvm; the vsock
-    /// socket must be inside it), inherited fds closed, rlimits, no_new_privs, no capabilities.
+    /// pivoted into DIR (created if missing; it gets the kernel, the image, the drives,
+    /// /dev/kvm; the vsock socket must be inside it), inherited fds closed, rlimits,
+    /// no_new_privs, no capabilities.
     #[arg(long, value_name = "DIR")]
     pub jail: Option<PathBuf>,
     /// uid the jailed VMM runs as (root only).
@@ -251,9 +249,12 @@ mod tests {
         );
         assert_eq!(c.drives[1].serial.as_deref(), Some("data"));
         assert!(parse(&["--kernel", "k", "--drive", "a,bogus"]).is_err());
-        assert!(
-            parse(&["--kernel", "k", "--drive", "a", "--jail", "/j"]).is_err(),
-            "--drive is not bound into the jail"
+        let jailed = parse(&["--kernel", "k", "--drive", "a,ro", "--jail", "/j"]).unwrap();
+        assert!(jailed.jail_config().is_some());
+        assert_eq!(
+            jailed.vm_config().drives.len(),
+            1,
+            "--drive is bound into the jail"
         );
     }
 

@@ -422,3 +422,261 @@ fn guest_crash_status_passes_through_the_monitor() {
     assert_eq!(out.code(), Some(2), "{}", out.describe());
     assert!(out.stderr.contains("guest crashed"), "{}", out.describe());
 }
+
+/// A file owned by root, mode 0644: the jail uid may read it but not write it.
+fn root_owned(dir: &TempDir, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes).expect("writing a drive image");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    path
+}
+
+/// The mount options (field 6 of mountinfo) of the topmost mount at `point`.
+fn mount_options<'a>(mountinfo: &'a str, point: &str) -> &'a str {
+    mountinfo
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .rev()
+        .find(|f| f.get(4) == Some(&point))
+        .and_then(|f| f.get(5).copied())
+        .unwrap_or_else(|| panic!("no mount at {point}\n{mountinfo}"))
+}
+
+/// `--drive` under `--jail`: a `ro` drive owned by root (0644) is read by the jailed guest as
+/// the second device, offered read-only, refuses writes and stays unchanged; a rw drive larger
+/// than the rootfs is written past the rootfs's size (the file size limit follows the largest
+/// disk); the jail holds `/drives/0` and `/drives/1` and nothing else of the host, the ro one
+/// bound and opened read-only; the host sees only empty placeholders afterwards.
+#[test]
+fn drives_in_the_jail() {
+    if !kvm_and_root("drives_in_the_jail") {
+        return;
+    }
+    let dir = TempDir::new("jail-drives");
+    let rootfs = image(&dir, &pseudo_random((SECTORS * 512) as usize, 21));
+    let data_sectors = 48u64;
+    let data = pseudo_random((data_sectors * 512) as usize, 0x6a61696c);
+    let data_path = root_owned(&dir, "data.img", &data);
+    // A host file next to the drives that must not appear in the jail.
+    std::fs::write(dir.path().join("neighbour"), b"host only").expect("neighbour");
+    let rw_sectors = 1024u64;
+    let rw_path = dir.path().join("scratch.img");
+    std::fs::write(&rw_path, vec![0u8; (rw_sectors * 512) as usize]).expect("scratch");
+    std::os::unix::fs::chown(&rw_path, Some(NOBODY), Some(NOBODY)).expect("chown scratch");
+    let jail = dir.path().join("jail");
+    let mut args: Vec<String> = vec![
+        "--rootfs".into(),
+        s(&rootfs).into(),
+        "--drive".into(),
+        format!("{},ro,serial=kiln-jail-data", s(&data_path)),
+        "--drive".into(),
+        format!("{},serial=kiln-jail-rw", s(&rw_path)),
+    ];
+    args.extend(jail_args(&jail));
+
+    // The ro drive, read as the second device.
+    let with = |cmdline: String| {
+        let mut a = args.clone();
+        a.extend(["--cmdline".into(), cmdline]);
+        a
+    };
+    let a = with(format!("kiln.blk_index=1 kiln.sectors={data_sectors}"));
+    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = boot_guest(Guest::Pvh, "blk-read", &argv);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert!(out.get("blk.error").is_none(), "{}", out.describe());
+    assert_eq!(out.expect("virtio.devices"), "3", "{}", out.describe());
+    assert_eq!(out.expect("blk.capacity"), data_sectors.to_string());
+    assert_eq!(out.expect("blk.ro"), "1", "a ro drive is offered read-only");
+    assert_eq!(out.expect("blk.read.status"), "0", "{}", out.describe());
+    assert_eq!(
+        out.expect("blk.read.fnv"),
+        format!("{:#018x}", fnv1a(&data)),
+        "the jailed guest must read the second drive's image"
+    );
+    assert_eq!(out.expect("blk.read.get_id"), "kiln-jail-data");
+
+    // A write to it fails and the file is unchanged.
+    let a = with("kiln.blk_index=1".into());
+    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = boot_guest(Guest::Pvh, "blk-ro", &argv);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let w = out.expect("blk.write.status");
+    assert!(w == "1" || w == "2", "write to a ro drive: status {w}");
+    assert_eq!(std::fs::read(&data_path).expect("data.img"), data);
+
+    // The rw drive, written past the rootfs's size.
+    let first = 1000u64;
+    let a = with(format!(
+        "kiln.blk_index=2 kiln.sector={first} kiln.sectors=4"
+    ));
+    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = boot_guest(Guest::Pvh, "blk-write", &argv);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(out.expect("blk.write.status"), "0", "{}", out.describe());
+    assert_eq!(out.expect("blk.readback"), "match");
+    assert_eq!(out.expect("blk.flush.status"), "0");
+    let after = std::fs::read(&rw_path).expect("scratch.img");
+    assert_eq!(after.len() as u64, rw_sectors * 512);
+    for (i, &b) in after.iter().enumerate() {
+        let written = (first * 512..(first + 4) * 512).contains(&(i as u64));
+        let want = if written { pattern_byte(i as u64) } else { 0 };
+        assert_eq!(b, want, "byte {i} of the rw drive");
+    }
+
+    // A running jailed VM with both drives: what its root holds.
+    let mut vm = RunningVm::start(&args, "idle");
+    let monitor = vm.pid();
+    let pid = only_child(monitor);
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    // The VM is built (drives open) once the guest runs: wait for its device fds.
+    let deadline = Instant::now() + WAIT;
+    let drive_fds = loop {
+        let fds: Vec<(String, String)> = std::fs::read_dir(proc_dir.join("fd"))
+            .expect("fd dir")
+            .flatten()
+            .filter_map(|fd| {
+                let target = std::fs::read_link(fd.path()).ok()?;
+                let t = target.to_string_lossy().into_owned();
+                t.starts_with("/drives/")
+                    .then(|| (fd.file_name().to_string_lossy().into_owned(), t))
+            })
+            .collect();
+        if fds.len() == 2 {
+            break fds;
+        }
+        assert!(Instant::now() < deadline, "drive fds: {fds:?}");
+        thread::sleep(Duration::from_millis(10));
+    };
+    // Opened O_RDONLY / O_RDWR as asked.
+    for (fd, target) in &drive_fds {
+        let info = std::fs::read_to_string(proc_dir.join("fdinfo").join(fd)).expect("fdinfo");
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|v| i32::from_str_radix(v.trim(), 8).expect("octal flags"))
+            .expect("flags line");
+        let want = if target == "/drives/0" {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+        assert_eq!(
+            flags & libc::O_ACCMODE,
+            want,
+            "{target} opened with {flags:o}"
+        );
+    }
+    let root = proc_dir.join("root");
+    let mut want = vec!["dev", "drives", "kernel", "rootfs"];
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        want.push("sys");
+    }
+    want.sort_unstable();
+    assert_eq!(names_in(&root), want);
+    assert_eq!(names_in(&root.join("drives")), ["0", "1"]);
+    assert_eq!(names_in(&root.join("dev")), ["kvm"]);
+    for host_path in ["etc/passwd", "neighbour", "data.img", "work", "tmp"] {
+        assert!(
+            !root.join(host_path).exists(),
+            "{host_path} visible in the jail"
+        );
+    }
+    // The jail's view of the drives is the drives' content.
+    let seen = std::fs::read(root.join("drives/0")).expect("reading /drives/0 through /proc");
+    assert_eq!(seen, data);
+    // The ro drive is a read-only mount: not even root can write through it.
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("drives/0"))
+        .expect_err("/drives/0 opened for writing");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let mounts = std::fs::read_to_string(proc_dir.join("mountinfo")).expect("mountinfo");
+    let opts = |p| mount_options(&mounts, p).split(',').collect::<Vec<_>>();
+    for point in ["/drives", "/drives/0"] {
+        for flag in ["ro", "nosuid", "noexec"] {
+            assert!(opts(point).contains(&flag), "{point}: {:?}", opts(point));
+        }
+    }
+    for flag in ["rw", "nosuid", "nodev", "noexec"] {
+        assert!(opts("/drives/1").contains(&flag), "{:?}", opts("/drives/1"));
+    }
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    points.sort_unstable();
+    points.dedup();
+    let mut want_points = vec![
+        "/",
+        "/dev",
+        "/drives",
+        "/drives/0",
+        "/drives/1",
+        "/kernel",
+        "/rootfs",
+    ];
+    if want.contains(&"sys") {
+        want_points.push("/sys");
+    }
+    want_points.sort_unstable();
+    assert_eq!(points, want_points, "{mounts}");
+    // The file size limit is the largest disk (the rw drive), not the rootfs.
+    let limits = std::fs::read_to_string(proc_dir.join("limits")).expect("limits");
+    let fsize = (rw_sectors * 512).to_string();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max file size") && l.split_whitespace().any(|w| w == fsize)),
+        "{limits}"
+    );
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(monitor as i32, libc::SIGTERM) };
+    let (code, stderr) = vm.wait();
+    assert_eq!(code, 128 + libc::SIGKILL, "{stderr}");
+
+    // On the host: only the empty placeholders, nothing written into DIR.
+    let mut host_want = vec!["dev", "drives", "kernel", "rootfs"];
+    if want.contains(&"sys") {
+        host_want.push("sys");
+    }
+    assert_eq!(names_in(&jail), host_want);
+    assert!(names_in(&jail.join("drives")).is_empty());
+    for placeholder in ["kernel", "rootfs"] {
+        let len = std::fs::metadata(jail.join(placeholder))
+            .expect("placeholder")
+            .len();
+        assert_eq!(len, 0, "{placeholder} placeholder on the host");
+    }
+    assert_eq!(std::fs::read(&data_path).expect("data.img"), data);
+}
+
+/// A drive the jail uid may not write is refused on the host, one line naming it, before
+/// anything is built; the same drive with `ro` is fine (covered above).
+#[test]
+fn drive_the_jail_uid_cannot_write_is_one_line() {
+    if !kvm_and_root("drive_the_jail_uid_cannot_write_is_one_line") {
+        return;
+    }
+    let dir = TempDir::new("jail-drive-access");
+    let data = root_owned(&dir, "data.img", &[0u8; 4096]);
+    let jail = dir.path().join("jail");
+    let mut args: Vec<String> = vec![
+        "--kernel".into(),
+        s(&guest(Guest::Pvh)).into(),
+        "--drive".into(),
+        s(&data).into(),
+    ];
+    args.extend(jail_args(&jail));
+    let out = kiln_tests::guests::run_vmm(&args);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let want = format!(
+        "host-vmm: error: --drive {}: not readable and writable by the jail uid 65534 / gid 65534 (owner 0:0, mode 0644)",
+        data.display()
+    );
+    assert_eq!(out.stderr.trim(), want, "{}", out.describe());
+    assert!(
+        !jail.join("drives").exists(),
+        "nothing built for a refused drive"
+    );
+}

@@ -1,7 +1,10 @@
 //! The jail's root file system, built from DIR inside a new mount namespace.
 //!
 //! DIR/kernel and DIR/rootfs are (empty, on the host) mount points for read-only/read-write bind
-//! mounts of the kernel and the image; DIR/dev is a private tmpfs holding only `kvm` (a device
+//! mounts of the kernel and the image; DIR/drives (only with `--drive`) is a private tmpfs
+//! holding one mount point `N` per drive, bound like the image (read-only for a `ro` drive) and
+//! then remounted read-only, so the host sees one empty directory; DIR/dev is a private tmpfs
+//! holding only `kvm` (a device
 //! node owned by the jail uid when root, a bind mount of the host's `/dev/kvm` when rootless);
 //! DIR/sys is a private tmpfs holding `module/kvm_pvm` only when the host has it (host-vmm
 //! reads that one fact to pick the PVM kernel command line). Everything else in DIR (the vsock
@@ -18,18 +21,30 @@ use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::{mknod, Mode, SFlag};
 use nix::unistd::{chdir, chown, pivot_root, sethostname, Gid, Uid};
 
-use super::{JailError, JailIds};
+use super::{access, jail_drive_path, JailError, JailIds, JAIL_DRIVES, JAIL_KERNEL, JAIL_ROOTFS};
+use crate::vmm::VmConfig;
 
 /// Hostname inside the jail's UTS namespace.
 pub const JAIL_HOSTNAME: &str = "kiln-vmm";
+
+/// One host file bind-mounted into the jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// The host file, absolute and free of symlinks.
+    pub source: PathBuf,
+    /// Where it appears inside the jail (`/kernel`, `/rootfs`, `/drives/N`).
+    pub target: PathBuf,
+    /// Bound read-only (the VMM opens it `O_RDONLY` too).
+    pub read_only: bool,
+    /// A disk (rootfs or drive) rather than the kernel.
+    pub disk: bool,
+}
 
 /// Everything needed to build the root, checked before any namespace is entered.
 #[derive(Debug, Clone)]
 pub struct RootPlan {
     dir: PathBuf,
-    kernel: PathBuf,
-    rootfs: Option<PathBuf>,
-    read_only: bool,
+    binds: Vec<Bind>,
     ids: JailIds,
     kvm_rdev: u64,
     pvm_host: bool,
@@ -85,13 +100,37 @@ fn placeholder(path: &Path) -> Result<(), JailError> {
         .map_err(io_sys("creating a mount point in the jail directory"))
 }
 
+/// Creates a directory to mount over; an existing one is kept, anything else there (a symlink
+/// left in DIR, a file) is refused.
 fn mkdir(path: &Path) -> Result<(), JailError> {
     match std::fs::create_dir(path) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
             Err(JailError::Sys("creating a directory in the jail", e))
         }
+        Err(_) if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) => {
+            Err(JailError::Sys(
+                "a mount point in the jail directory",
+                io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a directory", path.display()),
+                ),
+            ))
+        }
         _ => Ok(()),
     }
+}
+
+/// Remounts the tmpfs at `dir` read-only: nothing more can be created there.
+fn seal(dir: &Path) -> Result<(), JailError> {
+    let flags = locked_flags(dir)? | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | flags,
+        None::<&str>,
+    )
+    .map_err(sys("remounting a jail directory read-only"))
 }
 
 fn small_tmpfs(dst: &Path) -> Result<(), JailError> {
@@ -105,16 +144,41 @@ fn small_tmpfs(dst: &Path) -> Result<(), JailError> {
     .map_err(sys("mounting a tmpfs in the jail"))
 }
 
+/// The files `vm` needs in the jail, in order (kernel, rootfs, drives): each resolved to its
+/// real path and openable by `ids` the way the VMM will open it (read-only or read-write).
+pub fn plan_binds(vm: &VmConfig, ids: JailIds) -> Result<Vec<Bind>, JailError> {
+    let mut files: Vec<(&'static str, &Path, PathBuf, bool, bool)> =
+        vec![("--kernel", &vm.kernel, JAIL_KERNEL.into(), true, false)];
+    if let Some(rootfs) = &vm.rootfs {
+        files.push(("--rootfs", rootfs, JAIL_ROOTFS.into(), vm.read_only, true));
+    }
+    for (index, drive) in vm.drives.iter().enumerate() {
+        let target = jail_drive_path(index);
+        files.push(("--drive", &drive.path, target, drive.read_only, true));
+    }
+    let mut binds = Vec::with_capacity(files.len());
+    for (what, path, target, read_only, disk) in files {
+        let source = path.canonicalize().map_err(|source| JailError::File {
+            what,
+            path: path.to_owned(),
+            source,
+        })?;
+        access::check(what, &source, !read_only, ids)?;
+        binds.push(Bind {
+            source,
+            target,
+            read_only,
+            disk,
+        });
+    }
+    Ok(binds)
+}
+
 impl RootPlan {
-    /// Checks the inputs (DIR, kernel, image, `/dev/kvm`) from the host's view.
-    pub fn new(
-        dir: &Path,
-        kernel: &Path,
-        rootfs: Option<&Path>,
-        read_only: bool,
-        ids: JailIds,
-    ) -> Result<Self, JailError> {
-        let abs = |p: &Path| p.canonicalize().map_err(io_sys("resolving a VM file path"));
+    /// Checks the inputs (DIR, kernel, image, drives, `/dev/kvm`) from the host's view, see
+    /// [`plan_binds`].
+    pub fn new(dir: &Path, vm: &VmConfig, ids: JailIds) -> Result<Self, JailError> {
+        let binds = plan_binds(vm, ids)?;
         let kvm = std::fs::metadata("/dev/kvm").map_err(io_sys("/dev/kvm"))?;
         if !kvm.file_type().is_char_device() {
             return Err(JailError::Sys(
@@ -124,13 +188,63 @@ impl RootPlan {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            kernel: abs(kernel)?,
-            rootfs: rootfs.map(abs).transpose()?,
-            read_only,
+            binds,
             ids,
             kvm_rdev: kvm.rdev(),
             pvm_host: crate::boot::cmdline::is_pvm_host(Path::new("/sys")),
         })
+    }
+
+    /// The files bound into the jail, in order: kernel, rootfs, drives.
+    pub fn binds(&self) -> &[Bind] {
+        &self.binds
+    }
+
+    /// The host paths of the disks (rootfs and drives).
+    pub fn disks(&self) -> impl Iterator<Item = &Path> {
+        self.binds
+            .iter()
+            .filter(|b| b.disk)
+            .map(|b| b.source.as_path())
+    }
+
+    /// Mount flags of a bind: never suid or exec; no device nodes except a block-device disk,
+    /// which must stay openable as a device; read-only when asked.
+    fn bind_flags(bind: &Bind) -> MsFlags {
+        let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        let is_device = std::fs::metadata(&bind.source)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        if !is_device {
+            flags |= MsFlags::MS_NODEV;
+        }
+        if bind.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        flags
+    }
+
+    /// Binds every planned file on a placeholder in DIR (drives in a private tmpfs).
+    fn bind_files(&self) -> Result<(), JailError> {
+        let drives_dir = self.dir.join(JAIL_DRIVES.trim_start_matches('/'));
+        let has_drives = self.binds.iter().any(|b| b.target.starts_with(JAIL_DRIVES));
+        if has_drives {
+            mkdir(&drives_dir)?;
+            small_tmpfs(&drives_dir)?;
+        }
+        for bind_spec in &self.binds {
+            let rel = bind_spec
+                .target
+                .strip_prefix("/")
+                .unwrap_or(&bind_spec.target);
+            let target = self.dir.join(rel);
+            placeholder(&target)?;
+            bind(&bind_spec.source, &target, Self::bind_flags(bind_spec))?;
+        }
+        if has_drives {
+            seal(&drives_dir)?;
+        }
+        Ok(())
     }
 
     /// In the jailed child: new mount/IPC/UTS/net namespaces, the root built from DIR, pivot,
@@ -163,27 +277,7 @@ impl RootPlan {
             None::<&str>,
         )
         .map_err(sys("bind-mounting the jail directory"))?;
-        let ro_noexec =
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-        let kernel = dir.join("kernel");
-        placeholder(&kernel)?;
-        bind(&self.kernel, &kernel, ro_noexec)?;
-        if let Some(image) = &self.rootfs {
-            let target = dir.join("rootfs");
-            placeholder(&target)?;
-            let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
-            // A block-device image must stay openable as a device.
-            let is_device = std::fs::metadata(image)
-                .map(|m| m.file_type().is_block_device())
-                .unwrap_or(false);
-            if !is_device {
-                flags |= MsFlags::MS_NODEV;
-            }
-            if self.read_only {
-                flags |= MsFlags::MS_RDONLY;
-            }
-            bind(image, &target, flags)?;
-        }
+        self.bind_files()?;
         self.make_dev()?;
         if self.pvm_host {
             let sys_dir = dir.join("sys");
@@ -250,15 +344,6 @@ impl RootPlan {
             .map_err(sys("chown of the jail's /dev/kvm"))?;
         }
         // Read-only from now on: nothing else can be created there.
-        let flags =
-            locked_flags(&dev)? | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
-        mount(
-            None::<&str>,
-            &dev,
-            None::<&str>,
-            MsFlags::MS_REMOUNT | flags,
-            None::<&str>,
-        )
-        .map_err(sys("remounting the jail's /dev read-only"))
+        seal(&dev)
     }
 }

@@ -12,15 +12,16 @@
 //!    child writes to a pipe as it exits (so the caller does not also wait for the kernel to
 //!    tear the namespaces down);
 //! 3. the child enters new mount, IPC, UTS and network namespaces, builds its root from DIR
-//!    ([`fs`]: kernel and image bind-mounted, a private `/dev` holding only `kvm`), pivots into
-//!    it and detaches the old root;
+//!    ([`fs`]: kernel, image and `--drive`s bind-mounted, a private `/dev` holding only `kvm`),
+//!    pivots into it and detaches the old root;
 //! 4. then ([`privs`]) closes every inherited fd above stderr, sets rlimits (fds, file size =
-//!    image size, no core dumps), `no_new_privs`, drops to the jail uid/gid with no
+//!    largest disk's size, no core dumps), `no_new_privs`, drops to the jail uid/gid with no
 //!    supplementary groups, and clears every capability set.
 //!
-//! The VM configuration is rewritten to the paths inside the jail (`/kernel`, `/rootfs`, the
-//! socket's path relative to DIR).
+//! The VM configuration is rewritten to the paths inside the jail (`/kernel`, `/rootfs`,
+//! `/drives/N`, the socket's path relative to DIR).
 
+pub mod access;
 pub mod fs;
 pub mod monitor;
 pub mod privs;
@@ -38,8 +39,15 @@ use crate::vmm::VmConfig;
 pub const JAIL_KERNEL: &str = "/kernel";
 /// Where the disk image appears inside the jail.
 pub const JAIL_ROOTFS: &str = "/rootfs";
+/// The directory holding the `--drive`s inside the jail: drive N is `/drives/N`.
+pub const JAIL_DRIVES: &str = "/drives";
 /// Names in DIR the jail itself uses.
-const RESERVED: [&str; 4] = ["kernel", "rootfs", "dev", "sys"];
+const RESERVED: [&str; 5] = ["kernel", "rootfs", "drives", "dev", "sys"];
+
+/// Where the `index`-th `--drive` appears inside the jail.
+pub fn jail_drive_path(index: usize) -> PathBuf {
+    Path::new(JAIL_DRIVES).join(index.to_string())
+}
 
 /// `--jail` options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +81,38 @@ pub enum JailError {
         uds: PathBuf,
         /// DIR.
         dir: PathBuf,
+    },
+    /// A VM file cannot be used (its metadata cannot be read, or it is not a regular file or
+    /// block device).
+    #[error("{what} {}", path.display())]
+    File {
+        /// The option naming it (`--kernel`, `--rootfs`, `--drive`).
+        what: &'static str,
+        /// The host path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The jail uid/gid would not be allowed to open a VM file.
+    #[error("{what} {}: not {access} by the jail uid {uid} / gid {gid} (owner {owner}:{group}, mode {mode:04o})", path.display())]
+    NoAccess {
+        /// The option naming it (`--kernel`, `--rootfs`, `--drive`).
+        what: &'static str,
+        /// The host path.
+        path: PathBuf,
+        /// `readable` or `readable and writable`.
+        access: &'static str,
+        /// Jail uid.
+        uid: u32,
+        /// Jail gid.
+        gid: u32,
+        /// The file's owner.
+        owner: u32,
+        /// The file's group.
+        group: u32,
+        /// The file's permission bits.
+        mode: u32,
     },
     /// Only root can switch to another uid/gid.
     #[error("--jail-uid/--jail-gid need root; without root the jail keeps the caller's ids")]
@@ -179,8 +219,8 @@ pub fn enter(cfg: &JailConfig, vm: &mut VmConfig) -> Result<Entered, JailError> 
         nix::unistd::geteuid().as_raw(),
         nix::unistd::getegid().as_raw(),
     )?;
-    let plan = fs::RootPlan::new(&dir, &vm.kernel, vm.rootfs.as_deref(), vm.read_only, ids)?;
-    let limits = privs::Limits::for_image(vm.rootfs.as_deref())?;
+    let plan = fs::RootPlan::new(&dir, vm, ids)?;
+    let limits = privs::Limits::for_disks(plan.disks())?;
 
     if ids.rootless {
         privs::enter_user_namespace(ids)?;
@@ -214,6 +254,9 @@ pub fn enter(cfg: &JailConfig, vm: &mut VmConfig) -> Result<Entered, JailError> 
     vm.kernel = PathBuf::from(JAIL_KERNEL);
     if vm.rootfs.is_some() {
         vm.rootfs = Some(PathBuf::from(JAIL_ROOTFS));
+    }
+    for (index, drive) in vm.drives.iter_mut().enumerate() {
+        drive.path = jail_drive_path(index);
     }
     if let (Some(v), Some(inside)) = (vm.vsock.as_mut(), uds_inside) {
         v.uds = inside;

@@ -19,17 +19,19 @@ pub const NOFILE_LIMIT: u64 = 1024;
 pub struct Limits {
     /// RLIMIT_NOFILE.
     pub nofile: u64,
-    /// RLIMIT_FSIZE: the image size, so no file can grow past it (`None`: no image, unchanged).
+    /// RLIMIT_FSIZE: the largest disk's size (rootfs or `--drive`), so every disk can be
+    /// written to its end and no file can grow past that (`None`: no disk, unchanged).
     pub fsize: Option<u64>,
 }
 
 impl Limits {
-    /// Limits for a VM with disk image `image`.
-    pub fn for_image(image: Option<&Path>) -> Result<Self, JailError> {
-        let fsize = match image {
-            Some(p) => Some(image_size(p).map_err(|e| JailError::Sys("disk image size", e))?),
-            None => None,
-        };
+    /// Limits for a VM with these disk images (rootfs and drives).
+    pub fn for_disks<'a>(disks: impl IntoIterator<Item = &'a Path>) -> Result<Self, JailError> {
+        let mut fsize: Option<u64> = None;
+        for disk in disks {
+            let size = image_size(disk).map_err(|e| JailError::Sys("disk image size", e))?;
+            fsize = Some(fsize.map_or(size, |f| f.max(size)));
+        }
         Ok(Self {
             nofile: NOFILE_LIMIT,
             fsize,

@@ -1,5 +1,6 @@
-//! Jail unit tests: path rules, id rules, exit statuses, and (as root) the privilege drop in a
-//! forked child. The namespace and mount set-up is covered end to end by
+//! Jail unit tests: path rules, id rules, exit statuses, the file plan (what is bound where,
+//! read-only or not, access of the jail uid), and (as root) the privilege drop in a forked
+//! child. The namespace and mount set-up is covered end to end by
 //! `tests/tests/vmm_jail.rs`, which boots a VM inside the jail.
 
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -34,6 +35,8 @@ fn socket_must_be_strictly_inside_the_jail() {
         "/srv/jailbreak/v.sock",
         "/srv/jail/kernel",
         "/srv/jail/rootfs",
+        "/srv/jail/drives",
+        "/srv/jail/drives/0",
         "/srv/jail/dev/v.sock",
         "/srv/jail/sys",
     ] {
@@ -70,13 +73,185 @@ fn monitor_exit_status() {
 }
 
 #[test]
-fn limits_follow_the_image() {
-    let exe = std::env::current_exe().unwrap();
-    let size = std::fs::metadata(&exe).unwrap().len();
-    let l = Limits::for_image(Some(&exe)).unwrap();
-    assert_eq!((l.nofile, l.fsize), (privs::NOFILE_LIMIT, Some(size)));
-    assert_eq!(Limits::for_image(None).unwrap().fsize, None);
-    assert!(Limits::for_image(Some(Path::new("/nonexistent/img"))).is_err());
+fn limits_follow_the_largest_disk() {
+    let dir = Scratch::new("limits");
+    let small = dir.file("small.img", 4096, 0o600);
+    let large = dir.file("large.img", 3 * 4096, 0o600);
+    let l = Limits::for_disks([small.as_path()]).unwrap();
+    assert_eq!((l.nofile, l.fsize), (privs::NOFILE_LIMIT, Some(4096)));
+    // A drive larger than the rootfs must be writable to its end.
+    let l = Limits::for_disks([small.as_path(), large.as_path()]).unwrap();
+    assert_eq!(l.fsize, Some(3 * 4096));
+    let l = Limits::for_disks([large.as_path(), small.as_path()]).unwrap();
+    assert_eq!(l.fsize, Some(3 * 4096));
+    assert_eq!(Limits::for_disks([]).unwrap().fsize, None);
+    assert!(Limits::for_disks([Path::new("/nonexistent/img")]).is_err());
+}
+
+/// A directory under the temp dir, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let path = std::env::temp_dir().join(format!("kiln-jail-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Scratch(path)
+    }
+
+    fn file(&self, name: &str, len: usize, mode: u32) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn vm_config(args: &[&str]) -> crate::vmm::VmConfig {
+    use clap::Parser;
+    crate::cli::Cli::try_parse_from(std::iter::once("host-vmm").chain(args.iter().copied()))
+        .unwrap()
+        .vm_config()
+}
+
+/// The caller's own ids, as a jail that keeps them would use.
+fn own_ids() -> JailIds {
+    JailIds {
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+        rootless: false,
+    }
+}
+
+#[test]
+fn plan_binds_kernel_rootfs_and_drives_in_order() {
+    use super::fs::{plan_binds, Bind};
+    let dir = Scratch::new("plan");
+    let kernel = dir.file("k", 512, 0o600);
+    let rootfs = dir.file("root.img", 512, 0o600);
+    let data = dir.file("data.img", 1024, 0o600);
+    let scratch = dir.file("scratch,1.img", 512, 0o600);
+    // Symlinks are resolved: the jail binds the real file.
+    std::os::unix::fs::symlink(&data, dir.0.join("link.img")).unwrap();
+    let link = dir.0.join("link.img");
+    let vm = vm_config(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--read-only",
+        "--drive",
+        &format!("{},ro,serial=data", link.display()),
+        "--drive",
+        &format!("{}", scratch.display()).replace(',', ",,"),
+    ]);
+    let binds = plan_binds(&vm, own_ids()).unwrap();
+    let real = |p: &Path| p.canonicalize().unwrap();
+    let want = [
+        (real(&kernel), "/kernel", true, false),
+        (real(&rootfs), "/rootfs", true, true),
+        (real(&data), "/drives/0", true, true),
+        (real(&scratch), "/drives/1", false, true),
+    ];
+    let got: Vec<_> = binds
+        .iter()
+        .map(|b: &Bind| {
+            (
+                b.source.clone(),
+                b.target.to_str().unwrap(),
+                b.read_only,
+                b.disk,
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(jail_drive_path(7), Path::new("/drives/7"));
+
+    // Without drives: only the kernel (and the rootfs when given).
+    let vm = vm_config(&["--kernel", kernel.to_str().unwrap()]);
+    let binds = plan_binds(&vm, own_ids()).unwrap();
+    assert_eq!(binds.len(), 1);
+    assert_eq!(binds[0].target, Path::new(JAIL_KERNEL));
+}
+
+#[test]
+fn plan_names_a_missing_drive() {
+    let dir = Scratch::new("plan-missing");
+    let kernel = dir.file("k", 512, 0o600);
+    let missing = dir.0.join("nope.img");
+    let vm = vm_config(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--drive",
+        &format!("{},ro", missing.display()),
+    ]);
+    let e = fs::plan_binds(&vm, own_ids()).unwrap_err();
+    assert_eq!(e.to_string(), format!("--drive {}", missing.display()));
+}
+
+#[test]
+fn access_follows_the_permission_bits() {
+    use super::access::mode_allows;
+    let ids = |uid, gid| JailIds {
+        uid,
+        gid,
+        rootless: false,
+    };
+    // Owner class.
+    assert!(mode_allows(0o600, 7, 7, ids(7, 9), true));
+    assert!(mode_allows(0o400, 7, 7, ids(7, 9), false));
+    assert!(!mode_allows(0o400, 7, 7, ids(7, 9), true));
+    // The owner class decides even when others have more.
+    assert!(!mode_allows(0o066, 7, 7, ids(7, 7), false));
+    // Group class, then others.
+    assert!(mode_allows(0o040, 0, 9, ids(7, 9), false));
+    assert!(!mode_allows(0o040, 0, 9, ids(7, 9), true));
+    assert!(mode_allows(0o604, 0, 0, ids(65534, 65534), false));
+    assert!(!mode_allows(0o600, 0, 0, ids(65534, 65534), false));
+    assert!(mode_allows(0o666, 0, 0, ids(65534, 65534), true));
+}
+
+/// As root: a drive the jail uid cannot open is refused on the host with one line naming it;
+/// `ro` needs read access only.
+#[test]
+fn plan_refuses_a_drive_the_jail_uid_cannot_open() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("plan_refuses_a_drive_the_jail_uid_cannot_open: needs root, skipped");
+        return;
+    }
+    let dir = Scratch::new("plan-access");
+    let kernel = dir.file("k", 512, 0o644);
+    let data = dir.file("data.img", 512, 0o644);
+    let nobody = JailIds {
+        uid: 65534,
+        gid: 65534,
+        rootless: false,
+    };
+    let drive = |opts: &str| {
+        vm_config(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--drive",
+            &format!("{}{opts}", data.display()),
+        ])
+    };
+    assert!(fs::plan_binds(&drive(",ro"), nobody).is_ok());
+    let e = fs::plan_binds(&drive(""), nobody).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "--drive {}: not readable and writable by the jail uid 65534 / gid 65534 (owner 0:0, mode 0644)",
+            data.display()
+        )
+    );
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    assert!(fs::plan_binds(&drive(""), nobody).is_ok());
 }
 
 /// As root: after `confine`, the child has no capabilities, no groups, the target ids,

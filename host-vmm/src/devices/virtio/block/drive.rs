@@ -5,6 +5,10 @@
 //! Drives follow the root disk in order (`/dev/vdb`, `/dev/vdc`, ... when a rootfs is attached).
 //! A guest that must not depend on that order finds a drive by its serial
 //! (`/sys/block/vdX/serial`, answered by VIRTIO_BLK_T_GET_ID).
+//!
+//! Under `--jail`, drive N is bind-mounted at `/drives/N` inside the jail (read-only for `ro`)
+//! and opened there (`jail::fs`); the derived serial is unchanged, since a bind mount keeps
+//! the file's device and inode numbers.
 
 use std::path::PathBuf;
 use std::str::FromStr;
