@@ -18,11 +18,15 @@ use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// A generous default limit for one wait of a test that normally takes seconds.
 pub const WAIT: Duration = Duration::from_secs(120);
+
+/// The limit for one command that boots a Linux VM (a boot takes minutes on a PVM host).
+pub const VM_WAIT: Duration = Duration::from_secs(600);
 
 /// How often the polling waits look again.
 const POLL: Duration = Duration::from_millis(5);
@@ -130,19 +134,73 @@ pub fn wait_child(child: &mut Child, limit: Duration, what: &str) -> ExitStatus 
 }
 
 /// `child.wait_with_output()` with a deadline: kills the child and panics naming `what` when it
-/// has not exited (and closed its output) within `limit`.
-pub fn wait_output(child: Child, limit: Duration, what: &str) -> Output {
-    let _dog = Watchdog::kill_after(&child, limit, what);
+/// has not exited within `limit`. Its output pipes may stay open a little longer
+/// ([`PIPE_GRACE`]); a process that inherited them and lives on (a daemon) cannot hang the
+/// test: what was read by then is returned.
+pub fn wait_output(mut child: Child, limit: Duration, what: &str) -> Output {
+    let out = Collector::start(child.stdout.take());
+    let err = Collector::start(child.stderr.take());
     let start = Instant::now();
-    let output = child.wait_with_output();
-    let output = output.unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
-    assert!(
-        start.elapsed() < limit,
-        "TEST HANG: {what} did not exit within {limit:?} (killed); output so far:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => panic!("waiting for {what}: {e}"),
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "TEST HANG: {what} did not exit within {limit:?} (killed); output so far:\n{}\n{}",
+                String::from_utf8_lossy(&out.finish(Instant::now())),
+                String::from_utf8_lossy(&err.finish(Instant::now()))
+            );
+        }
+        std::thread::sleep(POLL);
+    };
+    let grace = Instant::now() + PIPE_GRACE;
+    Output {
+        status,
+        stdout: out.finish(grace),
+        stderr: err.finish(grace),
+    }
+}
+
+/// How long output pipes may stay open after their process exited.
+pub const PIPE_GRACE: Duration = Duration::from_secs(10);
+
+/// A thread reading a pipe into a buffer that can be taken before the pipe ends.
+struct Collector {
+    buf: Arc<Mutex<Vec<u8>>>,
+    thread: JoinHandle<()>,
+}
+
+impl Collector {
+    fn start<R: Read + Send + 'static>(pipe: Option<R>) -> Collector {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let acc = Arc::clone(&buf);
+        let thread = std::thread::spawn(move || {
+            let Some(mut pipe) = pipe else { return };
+            let mut chunk = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                acc.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(&chunk[..n]);
+            }
+        });
+        Collector { buf, thread }
+    }
+
+    /// What was read, once the pipe ended or `deadline` passed.
+    fn finish(&self, deadline: Instant) -> Vec<u8> {
+        while !self.thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        self.buf.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// `cmd.output()` with a deadline: stdin is null, stdout and stderr are captured; the child is
@@ -278,6 +336,20 @@ mod tests {
             .unwrap();
         let out = wait_output(child, Duration::from_secs(30), "echo");
         assert_eq!(out.stdout, b"hi\n");
+    }
+
+    #[test]
+    fn wait_output_does_not_wait_for_a_grandchild_holding_the_pipe() {
+        let child = Command::new("sh")
+            .args(["-c", "echo out; sleep 30 & exit 3"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        let out = wait_output(child, Duration::from_secs(60), "sh");
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(out.stdout, b"out\n");
+        assert!(t.elapsed() < PIPE_GRACE + Duration::from_secs(5));
     }
 
     #[test]

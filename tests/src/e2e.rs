@@ -7,7 +7,6 @@
 //! [`AgentClient`]. The helpers below build container specs and run processes the way the
 //! runtime does: exec, attach stdio streams, wait.
 
-use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -121,7 +120,13 @@ pub struct Guest {
     pub client: Arc<AgentClient>,
     /// Scratch directory: image, sockets, console log.
     pub dir: TempDir,
+    /// Kills the VMM after [`GUEST_LIFETIME`]: calls and stdio reads on the agent then end.
+    _watchdog: crate::bounded::Watchdog,
 }
+
+/// How long one booted guest (one test) may run at all: generous, a PVM host needs seconds per
+/// fork and exec.
+pub const GUEST_LIFETIME: Duration = Duration::from_secs(1200);
 
 impl Guest {
     /// Builds the image, boots it on `backend` and connects to the agent.
@@ -145,6 +150,11 @@ impl Guest {
             }
         };
         Ok(Guest {
+            _watchdog: crate::bounded::Watchdog::kill_pid_after(
+                vm.vmm_pid(),
+                GUEST_LIFETIME,
+                "the guest's VMM",
+            ),
             vm,
             client: Arc::new(client),
             dir,
@@ -181,7 +191,7 @@ impl Guest {
         let err = self.attach(container, exec, StdioStream::Stderr);
         let err_reader = std::thread::spawn(move || read_all(err));
         let out = read_all(out);
-        let err = err_reader.join().expect("stderr reader");
+        let err = crate::bounded::join(err_reader, crate::bounded::VM_WAIT, "stderr reader");
         let status = c.wait(container, exec).expect("wait");
         (
             status,
@@ -207,10 +217,8 @@ impl Guest {
 }
 
 /// Reads a stream to its end.
-pub fn read_all(mut s: UnixStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("reading a stdio stream");
-    out
+pub fn read_all(s: UnixStream) -> Vec<u8> {
+    crate::bounded::read_to_end(&s, crate::bounded::VM_WAIT, "a stdio stream")
 }
 
 /// A process running `args` with `PATH` and `KILN_E2E` set, in `/`.

@@ -41,6 +41,9 @@ pub const DEBIAN_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/us
 /// How long the VMM may take to exit after the agent acknowledged `Shutdown`.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long one boot may run at all (a PVM host needs minutes).
+const VM_LIFETIME: Duration = Duration::from_secs(1200);
+
 /// Runs `cmd`, panics with its stderr unless it succeeds, returns its stdout.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd
@@ -177,12 +180,15 @@ pub fn debian_minbase() -> Result<PathBuf> {
         "rootfs-boot: debootstrap --variant=minbase {DEBIAN_SUITE} from {DEBIAN_MIRROR} \
          (first run only, about a minute)"
     );
-    let out = Command::new("debootstrap")
-        .args(["--variant=minbase", DEBIAN_SUITE])
-        .arg(&partial)
-        .arg(DEBIAN_MIRROR)
-        .output()
-        .context("running debootstrap (install Debian's debootstrap package)")?;
+    // Bounded: a stalled mirror must not hang the test run.
+    let out = crate::bounded::output(
+        Command::new("debootstrap")
+            .args(["--variant=minbase", DEBIAN_SUITE])
+            .arg(&partial)
+            .arg(DEBIAN_MIRROR),
+        Duration::from_secs(900),
+        "debootstrap (install Debian's debootstrap package)",
+    );
     if !out.status.success() {
         let log =
             fs::read_to_string(partial.join("debootstrap/debootstrap.log")).unwrap_or_default();
@@ -357,6 +363,8 @@ pub fn boot_and_run(image: &BuiltImage, spec: ContainerSpec, backend: &Backend) 
 
 fn drive(vm: &Vm, spec: ContainerSpec) -> Result<BootRun> {
     const CTR: &str = "rootfs-boot";
+    // The VMM is killed after VM_LIFETIME: calls and stdio reads on the agent then end.
+    let _watchdog = crate::bounded::Watchdog::kill_pid_after(vm.vmm_pid(), VM_LIFETIME, "the VMM");
     let client = vm
         .connect_agent(BOOT_TIMEOUT)
         .context("waiting for guest-init")?;
@@ -404,6 +412,8 @@ fn drive(vm: &Vm, spec: ContainerSpec) -> Result<BootRun> {
 
 fn read_to_end(mut s: std::os::unix::net::UnixStream) -> Result<String> {
     let mut buf = Vec::new();
+    s.set_read_timeout(Some(crate::bounded::VM_WAIT))
+        .context("setting a read timeout")?;
     s.read_to_end(&mut buf).context("reading a stdio stream")?;
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }

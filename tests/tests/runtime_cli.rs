@@ -10,6 +10,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
+use kiln_tests::bounded::VM_WAIT;
 use runtime_common::{processes_mentioning, stderr, stdout, Kiln};
 
 fn backend_of(k: &Kiln, id: &str) -> String {
@@ -304,7 +305,8 @@ fn runtime_cli_run_exit_codes_output_and_force_delete() {
         .unwrap();
     assert!(k.wait_status("r2", "running", Duration::from_secs(60)));
     assert!(k.run(&["kill", "r2", "KILL"]).status.success());
-    assert_eq!(attached.wait().unwrap().code(), Some(137));
+    let status = kiln_tests::bounded::wait_child(&mut attached, VM_WAIT, "kiln run r2");
+    assert_eq!(status.code(), Some(137));
 
     // Signals sent to an attached `kiln run` reach the container.
     let b5 = k.bundle(
@@ -327,7 +329,7 @@ fn runtime_cli_run_exit_codes_output_and_force_delete() {
     // SAFETY: kill(2) on our own child's pid.
     let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
     assert_eq!(rc, 0);
-    let o = attached.wait_with_output().unwrap();
+    let o = kiln_tests::bounded::wait_output(attached, VM_WAIT, "kiln run r5");
     assert_eq!(o.status.code(), Some(9));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "got-term\n");
 
@@ -340,7 +342,7 @@ fn runtime_cli_run_exit_codes_output_and_force_delete() {
         .spawn()
         .unwrap();
     child.stdin.take().unwrap().write_all(b"ping\n").unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = kiln_tests::bounded::wait_output(child, VM_WAIT, "kiln run r3");
     assert_eq!(String::from_utf8_lossy(&o.stdout), "got ping\n");
 
     // delete --force of a running container removes the VM and the state.
@@ -360,7 +362,7 @@ fn runtime_cli_run_exit_codes_output_and_force_delete() {
 fn receive_fd(listener: &UnixListener) -> OwnedFd {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::fd::AsRawFd;
-    let (conn, _) = listener.accept().unwrap();
+    let conn = kiln_tests::bounded::accept(listener, VM_WAIT, "kiln's console socket");
     let mut buf = [0u8; 256];
     let mut iov = [IoSliceMut::new(&mut buf)];
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);

@@ -7,7 +7,7 @@ mod runtime_common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use kiln_tests::guests::TempDir;
@@ -58,13 +58,14 @@ impl Containerd {
     }
 
     fn ctr(&self, args: &[&str]) -> Output {
-        let o = Command::new("ctr")
-            .arg("--address")
-            .arg(self.dir.path().join("containerd.sock"))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("ctr");
+        let o = kiln_tests::bounded::output(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(self.dir.path().join("containerd.sock"))
+                .args(args),
+            kiln_tests::bounded::VM_WAIT,
+            &format!("ctr {args:?}"),
+        );
         eprintln!(
             "ctr {args:?} -> {:?}\n  stdout: {}\n  stderr: {}",
             o.status.code(),
@@ -90,15 +91,17 @@ fn busybox_oci_archive(dir: &Path) -> std::path::PathBuf {
         .unwrap()
         .success());
     let podman = |args: &[&str]| {
-        let o = Command::new("podman")
-            .arg("--root")
-            .arg(dir.join("pm-storage"))
-            .arg("--runroot")
-            .arg(dir.join("pm-run"))
-            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
-            .args(args)
-            .output()
-            .expect("podman");
+        let o = kiln_tests::bounded::output(
+            Command::new("podman")
+                .arg("--root")
+                .arg(dir.join("pm-storage"))
+                .arg("--runroot")
+                .arg(dir.join("pm-run"))
+                .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
+                .args(args),
+            kiln_tests::bounded::VM_WAIT,
+            &format!("podman {args:?}"),
+        );
         assert!(
             o.status.success(),
             "podman {args:?}: {}",

@@ -85,7 +85,11 @@ impl Podman {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        let o = self.cmd(args).output().expect("running podman");
+        let o = kiln_tests::bounded::output(
+            &mut self.cmd(args),
+            kiln_tests::bounded::VM_WAIT,
+            &format!("podman {args:?}"),
+        );
         eprintln!(
             "podman {args:?} -> {:?}\n  stdout: {}\n  stderr: {}",
             o.status.code(),
@@ -257,7 +261,9 @@ fn bounded(c: &mut Command) -> Output {
             None => t.env_remove(k),
         };
     }
-    let o = t.output().expect("running timeout");
+    // `timeout` kills podman; the bounded wait also stops waiting for pipes its children hold.
+    let o =
+        kiln_tests::bounded::output(&mut t, kiln_tests::bounded::VM_WAIT, "podman under timeout");
     eprintln!(
         "{:?} -> {:?}\n  stdout: {}\n  stderr: {}",
         c.get_program(),

@@ -45,12 +45,13 @@ impl Kiln {
             self.scratch.path().join(format!("out.{n}")),
             self.scratch.path().join(format!("err.{n}")),
         );
-        let status = self
-            .cmd(args)
-            .stdout(std::fs::File::create(&o).unwrap())
-            .stderr(std::fs::File::create(&e).unwrap())
-            .status()
-            .expect("running kiln");
+        let status = kiln_tests::bounded::status(
+            self.cmd(args)
+                .stdout(std::fs::File::create(&o).unwrap())
+                .stderr(std::fs::File::create(&e).unwrap()),
+            kiln_tests::bounded::VM_WAIT,
+            &format!("kiln {args:?}"),
+        );
         let out = Output {
             status,
             stdout: std::fs::read(&o).unwrap_or_default(),
