@@ -382,11 +382,16 @@ fn rootless_jail_reaches_dev_kvm() {
     let kernel = dir.path().join("guest");
     std::fs::copy(guest(Guest::Pvh), &kernel).expect("copy guest");
     std::os::unix::fs::chown(&kernel, Some(NOBODY), Some(NOBODY)).expect("chown");
+    // A ro drive too: its bind mount is made inside the user namespace as well.
+    let drive = dir.path().join("drive.img");
+    std::fs::write(&drive, [7u8; 4096]).expect("drive");
+    std::os::unix::fs::chown(&drive, Some(NOBODY), Some(NOBODY)).expect("chown");
     let jail = dir.path().join("jail");
     let mut cmd = Command::new("setpriv");
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(host_vmm())
         .args(["--kernel", s(&kernel), "--jail", s(&jail)])
+        .args(["--drive", &format!("{},ro", s(&drive))])
         .args(["--cmdline", "kiln.test=marker"]);
     let out = kiln_tests::guests::run_with_timeout(cmd, WAIT).expect("run");
     let kvm_mode = std::fs::metadata("/dev/kvm")
@@ -405,7 +410,9 @@ fn rootless_jail_reaches_dev_kvm() {
         );
     }
     // The jail was built: its placeholders exist on the host, owned by the caller.
-    assert_eq!(names_in(&jail).first().map(String::as_str), Some("dev"));
+    let names = names_in(&jail);
+    assert_eq!(names.first().map(String::as_str), Some("dev"));
+    assert!(names.iter().any(|n| n == "drives"), "{names:?}");
 }
 
 /// The monitor exits with the jailed VMM's own status (here a guest crash, 2).
