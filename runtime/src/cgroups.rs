@@ -38,7 +38,8 @@ use thiserror::Error;
 /// The record of a container's host cgroup in its state directory.
 pub const RECORD: &str = "cgroup.json";
 
-/// Parent of the cgroups of containers whose spec names none.
+/// Parent of the cgroups of containers whose spec names none (`/kiln/<id>-<hash of the state
+/// directory>`: the same id under two `--root`s must not share a cgroup).
 pub const DEFAULT_PARENT: &str = "/kiln";
 
 /// Memory the host allows a container's VM processes above the VM's RAM (MiB).
@@ -186,14 +187,15 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The cgroup path (from the hierarchy root, starting with `/`) for `linux.cgroupsPath`.
-pub fn resolve_path(cgroups_path: Option<&str>, id: &str) -> Result<String, CgroupError> {
+/// The cgroup path (from the hierarchy root, starting with `/`) for `linux.cgroupsPath`;
+/// without one, `/kiln/<default_name>`.
+pub fn resolve_path(cgroups_path: Option<&str>, default_name: &str) -> Result<String, CgroupError> {
     let invalid = |problem: &str| CgroupError::InvalidPath {
         path: cgroups_path.unwrap_or_default().to_string(),
         problem: problem.to_string(),
     };
     let raw = match cgroups_path.map(str::trim).filter(|p| !p.is_empty()) {
-        None => return Ok(format!("{DEFAULT_PARENT}/{id}")),
+        None => return Ok(format!("{DEFAULT_PARENT}/{default_name}")),
         Some(p) => p,
     };
     let path = if !raw.starts_with('/') && raw.matches(':').count() == 2 {
@@ -422,14 +424,22 @@ impl HostCgroup {
         Vec::new()
     }
 
-    /// SIGKILLs processes still in a cgroup kiln created (delete), waiting up to 2 s.
+    /// SIGKILLs processes still in the container's cgroup where kiln created that directory
+    /// itself (delete), waiting up to 2 s. A cgroup kiln found in place is not its to empty.
     pub fn kill_leftovers(&self) {
-        if self.dirs.iter().all(|d| d.created.is_empty()) {
+        let own: Vec<&CgroupDir> = self
+            .dirs
+            .iter()
+            .filter(|d| d.created.contains(&d.dir))
+            .collect();
+        if own.is_empty() {
             return;
         }
         let deadline = Instant::now() + REMOVE_WAIT;
         loop {
-            let pids = self.procs();
+            let mut pids: Vec<i32> = own.iter().flat_map(|d| read_procs(&d.dir)).collect();
+            pids.sort_unstable();
+            pids.dedup();
             if pids.is_empty() || Instant::now() > deadline {
                 return;
             }
@@ -698,7 +708,10 @@ mod tests {
         }];
         let a = HostCgroup::setup_in(&h, "/kiln/a", &Limits::default()).unwrap();
         let b = HostCgroup::setup_in(&h, "/kiln/b", &Limits::default()).unwrap();
-        assert_eq!(a.dirs[0].created, [mount.join("kiln"), mount.join("kiln/a")]);
+        assert_eq!(
+            a.dirs[0].created,
+            [mount.join("kiln"), mount.join("kiln/a")]
+        );
         assert_eq!(b.dirs[0].created, [mount.join("kiln/b")]);
         a.remove();
         assert!(!mount.join("kiln/a").exists());

@@ -190,6 +190,41 @@ fn runtime_cgroups_hold_the_vm_processes_and_limits() {
 }
 
 #[test]
+fn runtime_cgroups_default_path_is_per_root() {
+    if !kiln_tests::require_kvm("runtime_cgroups_default_path_is_per_root") {
+        return;
+    }
+    // Two roots, the same id, no cgroupsPath: two distinct cgroups under /kiln.
+    let (k1, k2) = (Kiln::new("rt-cgroups-d1"), Kiln::new("rt-cgroups-d2"));
+    let _c1 = Cleanup(&k1, "same");
+    let _c2 = Cleanup(&k2, "same");
+    let mut paths = Vec::new();
+    for k in [&k1, &k2] {
+        let bundle = k.bundle("b", &["sleep", "1000"]);
+        let o = k.run(&["create", "--bundle", bundle.to_str().unwrap(), "same"]);
+        assert!(o.status.success(), "create: {}", stderr(&o));
+        let shim = k.state("same").expect("state")["pid"].as_i64().unwrap();
+        let text = std::fs::read_to_string(format!("/proc/{shim}/cgroup")).unwrap();
+        let path = text
+            .lines()
+            .find(|l| l.contains(":pids:") || l.starts_with("0::"))
+            .and_then(|l| l.splitn(3, ':').nth(2))
+            .unwrap()
+            .to_string();
+        assert!(path.starts_with("/kiln/same-"), "{path}");
+        paths.push(path);
+    }
+    assert_ne!(paths[0], paths[1]);
+    for (k, path) in [(&k1, &paths[0]), (&k2, &paths[1])] {
+        let o = k.run(&["delete", "--force", "same"]);
+        assert!(o.status.success(), "delete: {}", stderr(&o));
+        for (dir, _, _) in cgroup_dirs(path) {
+            assert!(!dir.exists(), "{} left behind", dir.display());
+        }
+    }
+}
+
+#[test]
 fn runtime_cgroups_refuses_an_invalid_path() {
     let k = Kiln::new("rt-cgroups-bad");
     let bundle = k.bundle("b", &["true"]);

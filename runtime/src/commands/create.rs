@@ -2,6 +2,7 @@
 //! without starting it), write the pid file. Everything is removed again if any step fails.
 
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::process::Child;
 use std::time::Instant;
@@ -168,7 +169,8 @@ pub fn create(ctx: &Context, args: &CreateArgs, own_terminal: bool) -> Result<Ch
     result
 }
 
-/// Creates the container's host cgroup (`linux.cgroupsPath`, else `/kiln/ID`), writes the host
+/// Creates the container's host cgroup (`linux.cgroupsPath`, else `/kiln/ID-HASH`, HASH from
+/// the state directory), writes the host
 /// limits and records it in `dir` for the shim (which joins it before it spawns the VMM) and
 /// `delete`. A failure is an error when the spec names the path; without one, only a warning.
 fn host_cgroup(bundle: &Bundle, id: &str, size: VmSize, dir: &Path) -> Result<(), CommandError> {
@@ -180,7 +182,10 @@ fn host_cgroup(bundle: &Bundle, id: &str, size: VmSize, dir: &Path) -> Result<()
         .map(|p| p.to_string_lossy().into_owned());
     let wrap =
         |e: CgroupError| CommandError::Cgroup(format!("{}/config.json", bundle.dir.display()), e);
-    let path = resolve_path(named.as_deref(), id).map_err(wrap)?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut h);
+    let default_name = format!("{id}-{:08x}", h.finish() as u32);
+    let path = resolve_path(named.as_deref(), &default_name).map_err(wrap)?;
     let limits = Limits::from_spec(&bundle.spec, size.memory_mib);
     let cg = match HostCgroup::setup(&path, &limits) {
         Ok(cg) => cg,
