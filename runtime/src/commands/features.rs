@@ -30,7 +30,9 @@ pub fn run(ctx: &Context) -> Result<i32, CommandError> {
         "linux": {
             "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "uts", "user"],
             "capabilities": [],
-            "cgroup": { "v1": false, "v2": true, "systemd": false, "systemdUser": false },
+            // Host: the VM processes join linux.cgroupsPath on v1, hybrid or v2 (cgroupfs; a
+            // systemd-form path is mapped without systemd). Guest: v2.
+            "cgroup": { "v1": true, "v2": true, "systemd": false, "systemdUser": false },
             "seccomp": { "enabled": false },
             "apparmor": { "enabled": false },
             "selinux": { "enabled": false }
