@@ -187,6 +187,7 @@ fn host_cgroup(bundle: &Bundle, id: &str, size: VmSize, dir: &Path) -> Result<()
     let default_name = format!("{id}-{:08x}", h.finish() as u32);
     let path = resolve_path(named.as_deref(), &default_name).map_err(wrap)?;
     let limits = Limits::from_spec(&bundle.spec, size.memory_mib);
+    let started = Instant::now();
     let cg = match HostCgroup::setup(&path, &limits) {
         Ok(cg) => cg,
         Err(e) if named.is_none() => {
@@ -202,7 +203,12 @@ fn host_cgroup(bundle: &Bundle, id: &str, size: VmSize, dir: &Path) -> Result<()
         cg.remove();
         return Err(wrap(e));
     }
-    log::info!("container {id}: host cgroup {path} ({:?})", cg.limits);
+    log::info!(
+        "timing {id}: host cgroup {path} set up in {} us ({} hierarchies, {:?})",
+        started.elapsed().as_micros(),
+        cg.dirs.len(),
+        cg.limits
+    );
     Ok(())
 }
 
