@@ -23,6 +23,8 @@ use kiln_tests::guests::target_dir;
 use sha2::{Digest, Sha256};
 
 mod signals;
+// Each test binary that includes this module runs only some of the cases.
+#[allow(unused_imports)]
 pub use signals::case_signal_all;
 
 /// Builds (once) and returns the static musl guest-init; `KILN_GUEST_INIT` overrides.
