@@ -237,6 +237,18 @@ fn process_settings_and_root_protection() {
 }
 
 #[test]
+fn capabilities_applied() {
+    let agent = Agent::start("caps");
+    common::case_capabilities(&agent.target());
+}
+
+#[test]
+fn seccomp_profile_applied() {
+    let agent = Agent::start("seccomp");
+    common::case_seccomp(&agent.target());
+}
+
+#[test]
 fn bad_specs_and_failed_execs() {
     let agent = Agent::start("badspec");
     common::case_bad_specs(&agent.target());

@@ -197,6 +197,8 @@ fn guest_init_as_pid1_under_qemu_tcg() {
         common::case_process_settings(&t)
     });
     timed("case_bad_specs", &|| common::case_bad_specs(&t));
+    timed("case_capabilities", &|| common::case_capabilities(&t));
+    timed("case_seccomp", &|| common::case_seccomp(&t));
     timed("case_cgroup_limits", &|| common::case_cgroup_limits(&t));
 
     // 500 orphans come to PID 1 (the container has no pid namespace); none may stay a zombie.

@@ -22,8 +22,11 @@ use kiln_protocol::{
 use kiln_tests::guests::target_dir;
 use sha2::{Digest, Sha256};
 
+mod security;
 mod signals;
 // Each test binary that includes this module runs only some of the cases.
+#[allow(unused_imports)]
+pub use security::{case_capabilities, case_seccomp};
 #[allow(unused_imports)]
 pub use signals::case_signal_all;
 
