@@ -78,6 +78,19 @@ pub enum CgroupError {
     },
 }
 
+impl CgroupError {
+    /// The cgroupfs refused for lack of permission (rootless, read-only, not delegated).
+    pub fn is_permission_denied(&self) -> bool {
+        match self {
+            CgroupError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::EACCES | libc::EPERM | libc::EROFS)
+            ),
+            _ => false,
+        }
+    }
+}
+
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> CgroupError {
     let path = path.to_path_buf();
     move |source| CgroupError::Io { path, op, source }

@@ -172,7 +172,8 @@ pub fn create(ctx: &Context, args: &CreateArgs, own_terminal: bool) -> Result<Ch
 /// Creates the container's host cgroup (`linux.cgroupsPath`, else `/kiln/ID-HASH`, HASH from
 /// the state directory), writes the host
 /// limits and records it in `dir` for the shim (which joins it before it spawns the VMM) and
-/// `delete`. A failure is an error when the spec names the path; without one, only a warning.
+/// `delete`. A failure is an error when the spec names the path, unless the cgroupfs refuses
+/// for permissions (rootless, read-only); then, and without a path, only a warning.
 fn host_cgroup(bundle: &Bundle, id: &str, size: VmSize, dir: &Path) -> Result<(), CommandError> {
     let named = bundle
         .spec
@@ -190,7 +191,8 @@ fn host_cgroup(bundle: &Bundle, id: &str, size: VmSize, dir: &Path) -> Result<()
     let started = Instant::now();
     let cg = match HostCgroup::setup(&path, &limits) {
         Ok(cg) => cg,
-        Err(e) if named.is_none() => {
+        // Like runc rootless: a cgroupfs we may not write is no reason to fail.
+        Err(e) if named.is_none() || e.is_permission_denied() => {
             log::warn!(
                 "container {id}: no host cgroup: {}",
                 kiln_protocol::error_chain(&e)
