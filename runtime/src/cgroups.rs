@@ -540,8 +540,7 @@ fn cg_dir<'a>(
                     }
                     if h.controllers.iter().any(|c| c == "cpuset") {
                         if let Err(e) = inherit_cpuset(&parent, &dir) {
-                            result = Err(e);
-                            break;
+                            return finish(cg, h, path, created, Err(e));
                         }
                     }
                 }
