@@ -83,7 +83,7 @@ fn runtime_cli_errors_match_runc() {
     assert_eq!(line["level"], "error");
     assert_eq!(line["msg"], "container does not exist");
     assert!(line["time"].is_string());
-    // Host bind mounts are refused with a clear error.
+    // A bind mount of a host file (not a directory: those become disks) is refused clearly.
     let b = k.bundle("bind", &["true"]);
     let mut spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
@@ -91,11 +91,16 @@ fn runtime_cli_errors_match_runc() {
         .as_array_mut()
         .unwrap()
         .push(serde_json::json!(
-        {"destination": "/data", "type": "bind", "source": "/srv", "options": ["rbind"]}));
+        {"destination": "/data", "type": "bind", "source": "/etc/passwd", "options": ["rbind"]}));
     std::fs::write(b.join("config.json"), spec.to_string()).unwrap();
     let o = k.run(&["create", "--bundle", b.to_str().unwrap(), "c"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("bind mount of host path /srv on /data is not supported"));
+    assert!(
+        stderr(&o).contains("bind mount of host file /etc/passwd on /data is not supported"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!k.root.join("c").exists(), "nothing left behind");
     // `spec` refuses to overwrite, `features` and `--version` name the backends.
     let o = k.run(&["spec", "--bundle", b.to_str().unwrap()]);
     assert!(stderr(&o).contains("File config.json exists"));
