@@ -392,14 +392,41 @@ fn wait_ready(fd: &File, events: libc::c_short, cancel: &OwnedFd) -> bool {
     }
 }
 
+/// Polls one fd for `events` for at most `timeout_ms` (-1: no limit); true when it is ready
+/// (or in error or hung up, which the following read or write then reports).
+fn poll_one(fd: &File, events: libc::c_short, timeout_ms: libc::c_int) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is one live pollfd entry.
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if rc < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return rc > 0;
+    }
+}
+
 /// Copies `conn` into `target` until the connection ends, a write fails, or `cancel` fires.
 /// It never blocks anywhere but in `poll`, so `CloseStdin` ends it however it is stuck (a
 /// blocked read or splice is not reliably woken by shutting the socket down). Writes are at
 /// most `PIPE_BUF` bytes after `POLLOUT`, which a pipe or pty takes without blocking.
+///
+/// Once cancelled, what the connection already holds is still delivered (the host sends its
+/// input, half-closes, then `CloseStdin`, which can overtake the last bytes): the copier reads
+/// only while data is queued and stops at the first moment none is, and finishes its writes
+/// waiting for the target alone (a process that never reads ends them by exiting).
 fn copy_until_cancelled(conn: &mut File, target: &mut File, cancel: &OwnedFd) {
     let mut buf = [0u8; libc::PIPE_BUF];
+    let mut draining = false;
     loop {
-        if !wait_ready(conn, libc::POLLIN, cancel) {
+        if !draining && !wait_ready(conn, libc::POLLIN, cancel) {
+            draining = true;
+        }
+        if draining && !poll_one(conn, libc::POLLIN, 0) {
             return;
         }
         let n = match conn.read(&mut buf) {
@@ -410,7 +437,10 @@ fn copy_until_cancelled(conn: &mut File, target: &mut File, cancel: &OwnedFd) {
         };
         let mut chunk = &buf[..n];
         while !chunk.is_empty() {
-            if !wait_ready(target, libc::POLLOUT, cancel) {
+            if !draining && !wait_ready(target, libc::POLLOUT, cancel) {
+                draining = true;
+            }
+            if draining && !poll_one(target, libc::POLLOUT, -1) {
                 return;
             }
             match target.write(chunk) {
@@ -522,6 +552,33 @@ mod tests {
         let got = reader.join().unwrap();
         writer.join().unwrap();
         assert_eq!(got.len(), total);
+    }
+
+    #[test]
+    fn close_after_the_input_still_delivers_it() {
+        // The host's order: input, half-close, CloseStdin. The close must not drop what the
+        // connection still holds (it did: `wc -c` through host-vmm counted 0 of 5 bytes).
+        for _ in 0..50 {
+            let (w, r) = pipe();
+            let slot = StdinSlot::new(OwnedFd::from(w), false);
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            slot.attach(File::from(OwnedFd::from(ours))).unwrap();
+            let input: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+            theirs.write_all(&input).unwrap();
+            theirs.shutdown(Shutdown::Write).unwrap();
+            slot.close();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let mut reader = File::from(r);
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let _ = tx.send(reader.read_to_end(&mut got).map(|_| got));
+            });
+            let got = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("stdin still open 10 s after close")
+                .unwrap();
+            assert_eq!(got, input);
+        }
     }
 
     #[test]
