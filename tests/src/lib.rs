@@ -11,6 +11,7 @@ use std::path::PathBuf;
 pub mod bounded;
 pub mod e2e;
 pub mod guests;
+pub mod host_agent;
 pub mod images;
 pub mod kernel;
 pub mod rootfs_boot;

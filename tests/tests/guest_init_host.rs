@@ -11,9 +11,8 @@
 mod guest_init_common;
 
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,16 +31,13 @@ fn cgroup2_root() -> Option<PathBuf> {
 /// A running agent with its scratch directory and cgroup base.
 struct Agent {
     child: Child,
-    /// Kills the agent after [`AGENT_LIFETIME`]: every client call, stdio read and wait on it
-    /// then ends, so a hang fails the test instead of blocking it forever.
+    /// Kills the agent after `host_agent::LIFETIME`: every client call, stdio read and wait on
+    /// it then ends, so a hang fails the test instead of blocking it forever.
     _watchdog: kiln_tests::bounded::Watchdog,
     dir: TempDir,
     socket: PathBuf,
     cgroup_base: Option<PathBuf>,
 }
-
-/// How long one agent (one test) may live at all.
-const AGENT_LIFETIME: Duration = Duration::from_secs(300);
 
 impl Agent {
     fn start(tag: &str) -> Agent {
@@ -50,57 +46,25 @@ impl Agent {
         let socket = dir.path().join("agent.sock");
         let cgroup_base =
             cgroup2_root().map(|r| r.join(format!("kiln-test-{}-{tag}", std::process::id())));
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--pid", "--mount", "--fork", "--mount-proc", "--kill-child"])
-            .arg(common::guest_init_bin())
-            .arg("--root")
-            .arg(dir.path())
-            .arg("--listen-unix")
-            .arg(&socket)
-            .args(["--log-level", "debug"]);
-        if let Some(cg) = &cgroup_base {
-            cmd.arg("--cgroup-base").arg(cg);
-        }
-        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // SAFETY: the pre-exec hook only calls prctl, which is async-signal-safe: if this test
-        // dies without running Drop, unshare (and with --kill-child the agent) goes too.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawning unshare + guest-init");
-        let agent = Agent {
-            _watchdog: kiln_tests::bounded::Watchdog::kill_after(
-                &child,
-                AGENT_LIFETIME,
-                "the guest-init agent",
-            ),
+        let (child, watchdog) = kiln_tests::host_agent::launch(&kiln_tests::host_agent::Launch {
+            bin: common::guest_init_bin(),
+            root: dir.path().to_path_buf(),
+            socket: socket.clone(),
+            cgroup_base: cgroup_base.clone(),
+            log_level: Some("debug".into()),
+            bind_dev_pts: false,
+        });
+        Agent {
+            _watchdog: watchdog,
             child,
             dir,
             socket,
             cgroup_base,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&agent.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "agent did not listen: {}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        agent
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+        kiln_tests::host_agent::log(self.dir.path())
     }
 
     /// A protocol target on this agent's unix socket.
@@ -129,20 +93,7 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if let Some(base) = &self.cgroup_base {
-            // Processes die with the pid namespace; cgroups empty shortly after.
-            for _ in 0..100 {
-                if let Ok(rd) = std::fs::read_dir(base) {
-                    for e in rd.flatten() {
-                        if e.path().is_dir() {
-                            let _ = std::fs::remove_dir(e.path());
-                        }
-                    }
-                }
-                if std::fs::remove_dir(base).is_ok() || !base.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            kiln_tests::host_agent::remove_cgroup_base(base);
         }
         if std::thread::panicking() {
             eprintln!("---- agent log ----\n{}", self.log());

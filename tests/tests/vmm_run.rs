@@ -19,7 +19,6 @@ mod guest_init_common;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -37,16 +36,13 @@ use sha2::{Digest, Sha256};
 /// guest-init as a host process.
 struct HostAgent {
     child: Child,
-    /// Kills the agent after [`AGENT_LIFETIME`]: every client call, stdio read and wait on it
-    /// then ends, so a hang fails the test instead of blocking it forever.
+    /// Kills the agent after `host_agent::LIFETIME`: every client call, stdio read and wait on
+    /// it then ends, so a hang fails the test instead of blocking it forever.
     _watchdog: kiln_tests::bounded::Watchdog,
     dir: TempDir,
     socket: PathBuf,
     cgroup_base: PathBuf,
 }
-
-/// How long one agent (one test) may live at all.
-const AGENT_LIFETIME: Duration = Duration::from_secs(300);
 
 impl HostAgent {
     fn start(tag: &str) -> HostAgent {
@@ -58,64 +54,27 @@ impl HostAgent {
             "/sys/fs/cgroup/kiln-test-run-{}-{tag}",
             std::process::id()
         ));
-        let log = File::create(dir.path().join("agent.log")).unwrap();
         // The guest's /dev/pts, which the default spec binds into the container, is the host's
         // here: bound into the agent's root inside its own mount namespace only.
-        std::fs::create_dir_all(dir.path().join("dev/pts")).unwrap();
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--pid", "--mount", "--fork", "--mount-proc", "--kill-child"])
-            .args([
-                "sh",
-                "-c",
-                "mount --bind /dev/pts \"$0/dev/pts\" && exec \"$@\"",
-            ])
-            .arg(dir.path())
-            .arg(common::guest_init_bin())
-            .arg("--root")
-            .arg(dir.path())
-            .arg("--listen-unix")
-            .arg(&socket)
-            .arg("--cgroup-base")
-            .arg(&cgroup_base)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // SAFETY: the pre-exec hook only calls prctl (async-signal-safe): the agent dies with
-        // this test even if Drop does not run.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawning unshare + guest-init");
-        let agent = HostAgent {
-            _watchdog: kiln_tests::bounded::Watchdog::kill_after(
-                &child,
-                AGENT_LIFETIME,
-                "the guest-init agent",
-            ),
+        let (child, watchdog) = kiln_tests::host_agent::launch(&kiln_tests::host_agent::Launch {
+            bin: common::guest_init_bin(),
+            root: dir.path().to_path_buf(),
+            socket: socket.clone(),
+            cgroup_base: Some(cgroup_base.clone()),
+            log_level: None,
+            bind_dev_pts: true,
+        });
+        HostAgent {
+            _watchdog: watchdog,
             child,
             dir,
             socket,
             cgroup_base,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&agent.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "agent not listening:\n{}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        agent
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+        kiln_tests::host_agent::log(self.dir.path())
     }
 
     fn connector(&self) -> UnixAgent {
@@ -134,18 +93,7 @@ impl Drop for HostAgent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // The processes died with the pid namespace; their cgroups empty shortly after.
-        for _ in 0..100 {
-            if let Ok(rd) = std::fs::read_dir(&self.cgroup_base) {
-                for e in rd.flatten().filter(|e| e.path().is_dir()) {
-                    let _ = std::fs::remove_dir(e.path());
-                }
-            }
-            if std::fs::remove_dir(&self.cgroup_base).is_ok() || !self.cgroup_base.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        kiln_tests::host_agent::remove_cgroup_base(&self.cgroup_base);
         if std::thread::panicking() {
             eprintln!("---- agent log ----\n{}", self.log());
         }
