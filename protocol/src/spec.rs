@@ -10,16 +10,20 @@
 //! Wire compatibility: bincode encodes struct fields in order with no names, so the field list of
 //! every struct here is frozen for protocol major version 1. New information goes into new enum
 //! variants (appended at the end) or a new major version. [`ContainerSpec::seccomp`] is the one
-//! field outside the frozen layout: it is skipped by serde and travels in its own request
-//! variant (`Request::CreateContainerSeccomp`, protocol 1.2), which the client picks when it is
-//! set.
+//! field outside the frozen layout: binary formats (bincode, the wire) never see it, and it
+//! travels in its own request variant (`Request::CreateContainerSeccomp`, protocol 1.2), which
+//! the client picks when it is set; human-readable formats (the runtime's JSON hand-over to its
+//! shim) carry it as an optional `seccomp` key.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 /// Everything the agent needs to create one container.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+///
+/// Serialized by hand (see `ContainerSpecWire`): binary formats get the frozen five fields,
+/// human-readable ones also `seccomp`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ContainerSpec {
     /// The container's main process (`process` in OCI).
     pub process: ProcessSpec,
@@ -31,12 +35,109 @@ pub struct ContainerSpec {
     pub mounts: Vec<MountSpec>,
     /// `linux` in OCI: namespaces, resources, sysctl, masked and read-only paths.
     pub linux: LinuxSpec,
-    /// `linux.seccomp` in OCI. Not part of `ContainerSpec`'s (frozen) wire layout: serde skips
-    /// it, and [`crate::AgentClient::create_container`] sends it in
+    /// `linux.seccomp` in OCI. Not part of `ContainerSpec`'s (frozen) wire layout: binary
+    /// serializers skip it, and [`crate::AgentClient::create_container`] sends it in
     /// `Request::CreateContainerSeccomp` (protocol 1.2) when it is set. Exec'd processes get the
     /// container's profile, as with runc.
-    #[serde(skip)]
     pub seccomp: Option<SeccompProfile>,
+}
+
+/// The frozen wire layout of [`ContainerSpec`] (protocol 1.0), borrowed for serializing.
+#[derive(Serialize)]
+#[serde(rename = "ContainerSpec")]
+struct ContainerSpecWire<'a> {
+    process: &'a ProcessSpec,
+    root: &'a RootSpec,
+    hostname: &'a Option<String>,
+    mounts: &'a Vec<MountSpec>,
+    linux: &'a LinuxSpec,
+}
+
+/// The frozen wire layout, owned for deserializing.
+#[derive(Deserialize)]
+#[serde(rename = "ContainerSpec")]
+struct ContainerSpecWireOwned {
+    process: ProcessSpec,
+    root: RootSpec,
+    hostname: Option<String>,
+    mounts: Vec<MountSpec>,
+    linux: LinuxSpec,
+}
+
+/// The human-readable form: the wire fields plus an optional `seccomp` key.
+#[derive(Serialize)]
+#[serde(rename = "ContainerSpec")]
+struct ContainerSpecText<'a> {
+    process: &'a ProcessSpec,
+    root: &'a RootSpec,
+    hostname: &'a Option<String>,
+    mounts: &'a Vec<MountSpec>,
+    linux: &'a LinuxSpec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seccomp: &'a Option<SeccompProfile>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename = "ContainerSpec")]
+struct ContainerSpecTextOwned {
+    process: ProcessSpec,
+    root: RootSpec,
+    hostname: Option<String>,
+    mounts: Vec<MountSpec>,
+    linux: LinuxSpec,
+    #[serde(default)]
+    seccomp: Option<SeccompProfile>,
+}
+
+impl Serialize for ContainerSpec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            ContainerSpecText {
+                process: &self.process,
+                root: &self.root,
+                hostname: &self.hostname,
+                mounts: &self.mounts,
+                linux: &self.linux,
+                seccomp: &self.seccomp,
+            }
+            .serialize(serializer)
+        } else {
+            ContainerSpecWire {
+                process: &self.process,
+                root: &self.root,
+                hostname: &self.hostname,
+                mounts: &self.mounts,
+                linux: &self.linux,
+            }
+            .serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ContainerSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let t = ContainerSpecTextOwned::deserialize(deserializer)?;
+            Ok(ContainerSpec {
+                process: t.process,
+                root: t.root,
+                hostname: t.hostname,
+                mounts: t.mounts,
+                linux: t.linux,
+                seccomp: t.seccomp,
+            })
+        } else {
+            let w = ContainerSpecWireOwned::deserialize(deserializer)?;
+            Ok(ContainerSpec {
+                process: w.process,
+                root: w.root,
+                hostname: w.hostname,
+                mounts: w.mounts,
+                linux: w.linux,
+                seccomp: None,
+            })
+        }
+    }
 }
 
 /// Most `syscalls` entries a [`SeccompProfile`] may have (podman's default profile has ~30).
@@ -300,5 +401,26 @@ mod tests {
         assert_eq!(shares_to_weight(1), 1);
         assert_eq!(shares_to_weight(u64::MAX), 10_000);
         assert_eq!(shares_to_weight(0), 100);
+    }
+
+    /// JSON (the runtime's hand-over to its shim) keeps the profile; no profile, no key.
+    #[test]
+    fn json_carries_seccomp_and_omits_it_when_unset() {
+        let spec = ContainerSpec {
+            seccomp: Some(SeccompProfile {
+                default_action: "SCMP_ACT_ALLOW".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains("\"seccomp\":{\"default_action\":\"SCMP_ACT_ALLOW\""));
+        assert_eq!(serde_json::from_str::<ContainerSpec>(&json).unwrap(), spec);
+        let plain = serde_json::to_string(&ContainerSpec::default()).unwrap();
+        assert!(!plain.contains("seccomp"), "{plain}");
+        assert_eq!(
+            serde_json::from_str::<ContainerSpec>(&plain).unwrap(),
+            ContainerSpec::default()
+        );
     }
 }
