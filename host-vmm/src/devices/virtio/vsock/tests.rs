@@ -192,6 +192,29 @@ fn read_line(s: &mut UnixStream) -> String {
     String::from_utf8(line).unwrap()
 }
 
+/// The device's connection to a host listener, waiting at most 5 s (a device that never
+/// connects fails the test instead of hanging it).
+fn accept_timeout(listener: &UnixListener) -> UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the device did not connect to the host listener within 5 s"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
 fn read_exact_timeout(s: &mut UnixStream, n: usize) -> Vec<u8> {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut v = vec![0u8; n];
@@ -247,7 +270,7 @@ fn guest_connects_to_host_and_exchanges_data() {
     let listener = UnixListener::bind(format!("{}_1234", g.uds.display())).unwrap();
     g.fill_rx(8);
     g.send(hdr(op::REQUEST, 5000, 1234, 0), &[]);
-    let (mut host, _) = listener.accept().unwrap();
+    let mut host = accept_timeout(&listener);
     let pkts = g.recv();
     assert_eq!(ops(&pkts), [op::RESPONSE]);
     let (h, _) = &pkts[0];
@@ -319,7 +342,7 @@ fn malformed_tx_packets_are_dropped() {
     let listener = UnixListener::bind(format!("{}_80", g.uds.display())).unwrap();
     g.fill_rx(8);
     g.send(hdr(op::REQUEST, 6000, 80, 0), &[]);
-    let (mut host, _) = listener.accept().unwrap();
+    let mut host = accept_timeout(&listener);
     assert_eq!(ops(&g.recv()), [op::RESPONSE]);
     // len larger than the descriptor holds.
     g.send_raw(
@@ -530,7 +553,7 @@ fn reset_drops_connections() {
     let listener = UnixListener::bind(format!("{}_77", g.uds.display())).unwrap();
     g.fill_rx(4);
     g.send(hdr(op::REQUEST, 1, 77, 0), &[]);
-    let (mut host, _) = listener.accept().unwrap();
+    let mut host = accept_timeout(&listener);
     assert_eq!(ops(&g.recv()), [op::RESPONSE]);
     write_reg(&mut g.t, 0x70, 0);
     assert_eof(&mut host);
@@ -544,7 +567,7 @@ fn bulk_guest_to_host_with_credit_updates() {
     let listener = UnixListener::bind(format!("{}_5", g.uds.display())).unwrap();
     g.fill_rx(64);
     g.send(hdr(op::REQUEST, 9000, 5, 0), &[]);
-    let (mut host, _) = listener.accept().unwrap();
+    let mut host = accept_timeout(&listener);
     let resp = g.recv();
     let mut peer_buf = resp[0].0.buf_alloc;
     let mut peer_fwd = resp[0].0.fwd_cnt;
