@@ -97,4 +97,3 @@ pub fn oci_default(args: &[&str]) -> serde_json::Value {
         }
     })
 }
-

@@ -80,23 +80,20 @@ impl Bench {
         if let Some(v) = vmm {
             c.args(["--vmm", v]);
         }
-        c.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        c.args(args);
         c
     }
 
     /// Runs a kiln command to completion (bounded); fails with its stderr.
     fn kiln_ok(&self, vmm: Option<&str>, log: &Path, args: &[&str]) -> Result<Duration> {
         let started = Instant::now();
-        let child = self.kiln(vmm, log, args).spawn().context("spawning kiln")?;
-        let out = wait_output(child, STEP_TIMEOUT).with_context(|| format!("kiln {args:?}"))?;
+        let err = self.scratch.path().join("kiln.stderr");
+        let (status, stderr) = run_bounded(self.kiln(vmm, log, args), &err, STEP_TIMEOUT)
+            .with_context(|| format!("kiln {args:?}"))?;
         ensure!(
-            out.status.success(),
-            "kiln {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            status.success(),
+            "kiln {args:?} failed ({status}): {}",
+            stderr.trim()
         );
         Ok(started.elapsed())
     }
@@ -240,12 +237,25 @@ fn wait_pid(pid: i32, timeout: Duration) -> Result<i32> {
     }
 }
 
-/// Waits for a child's output with a deadline; kills it when the deadline passes.
-fn wait_output(mut child: std::process::Child, timeout: Duration) -> Result<std::process::Output> {
+/// Runs `cmd` with stdin and stdout on /dev/null and stderr in the file `err`, kills it after
+/// `timeout`, and returns its status and stderr. Files, not pipes: `kiln create` hands its stdio
+/// to the shim, which keeps it open as the container's, so a pipe would not end with `create`.
+fn run_bounded(
+    mut cmd: Command,
+    err: &Path,
+    timeout: Duration,
+) -> Result<(std::process::ExitStatus, String)> {
+    let file = std::fs::File::create(err).with_context(|| format!("creating {}", err.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
     let started = Instant::now();
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
         }
         if started.elapsed() > timeout {
             let _ = child.kill();
@@ -253,7 +263,8 @@ fn wait_output(mut child: std::process::Child, timeout: Duration) -> Result<std:
             bail!("did not finish within {timeout:?}");
         }
         std::thread::sleep(Duration::from_micros(500));
-    }
+    };
+    Ok((status, std::fs::read_to_string(err).unwrap_or_default()))
 }
 
 /// Sum of VmRSS (KiB) of `root` and all its descendants.
@@ -302,24 +313,19 @@ fn tree_rss_kib(root: u32) -> u64 {
 /// `runc`/`crun` `run` of the same bundle; `Err` with the runtime's own words if it fails.
 fn oci_run(bin: &str, root: &Path, bundle: &Path, id: &str) -> Result<f64> {
     let started = Instant::now();
-    let child = Command::new(bin)
-        .arg("--root")
+    let mut cmd = Command::new(bin);
+    cmd.arg("--root")
         .arg(root)
         .args(["run", "--bundle"])
         .arg(bundle)
-        .arg(id)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawning {bin}"))?;
-    let out = wait_output(child, STEP_TIMEOUT)?;
+        .arg(id);
+    let (status, stderr) = run_bounded(cmd, &root.with_extension("stderr"), STEP_TIMEOUT)?;
     let ms = millis(started.elapsed());
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
+    if !status.success() {
         bail!(
             "{}",
-            err.lines()
+            stderr
+                .lines()
                 .last()
                 .unwrap_or("failed without a message")
                 .trim()
