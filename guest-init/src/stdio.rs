@@ -410,6 +410,11 @@ fn poll_one(fd: &File, events: libc::c_short, timeout_ms: libc::c_int) -> bool {
     }
 }
 
+/// After `CloseStdin`, how long the copier still waits for more input on the connection: the
+/// host's last bytes travel on the stdin connection, `CloseStdin` on the control connection, and
+/// the latter can arrive first (vsock queues are independent; under emulation by many ms).
+const DRAIN_GRACE_MS: libc::c_int = 250;
+
 /// Copies `conn` into `target` until the connection ends, a write fails, or `cancel` fires.
 /// It never blocks anywhere but in `poll`, so `CloseStdin` ends it however it is stuck (a
 /// blocked read or splice is not reliably woken by shutting the socket down). Writes are at
@@ -417,8 +422,9 @@ fn poll_one(fd: &File, events: libc::c_short, timeout_ms: libc::c_int) -> bool {
 ///
 /// Once cancelled, what the connection already holds is still delivered (the host sends its
 /// input, half-closes, then `CloseStdin`, which can overtake the last bytes): the copier reads
-/// only while data is queued and stops at the first moment none is, and finishes its writes
-/// waiting for the target alone (a process that never reads ends them by exiting).
+/// while data keeps coming (at most [`DRAIN_GRACE_MS`] apart), stops at the first quiet gap or
+/// the connection's end, and finishes its writes waiting for the target alone (a process that
+/// never reads ends them by exiting).
 fn copy_until_cancelled(conn: &mut File, target: &mut File, cancel: &OwnedFd) {
     let mut buf = [0u8; libc::PIPE_BUF];
     let mut draining = false;
@@ -426,7 +432,7 @@ fn copy_until_cancelled(conn: &mut File, target: &mut File, cancel: &OwnedFd) {
         if !draining && !wait_ready(conn, libc::POLLIN, cancel) {
             draining = true;
         }
-        if draining && !poll_one(conn, libc::POLLIN, 0) {
+        if draining && !poll_one(conn, libc::POLLIN, DRAIN_GRACE_MS) {
             return;
         }
         let n = match conn.read(&mut buf) {
