@@ -56,7 +56,7 @@ PY
 
 say "kiln runs the command in a Linux microVM"
 if [ -e /sys/module/kvm_pvm ]; then
-  echo "note: this host's KVM is PVM: host-vmm runs Linux userspace here only with the PVM kernel flavour, minutes per boot; kiln uses its QEMU (TCG) backend"
+  echo "note: this host's KVM is PVM: host-vmm runs Linux userspace here only with the PVM kernel flavour, 30-60 s per boot; kiln uses its QEMU (TCG) backend"
 fi
 t0=$(ms)
 set +e
