@@ -95,7 +95,18 @@ fn check(name: &'static str, cfg: &RuntimeConfig, probe: &HostProbe) -> Result<(
     match name {
         "host-vmm" => {
             if let Some(why) = probe.linux_userspace_blocker() {
-                return Err(why);
+                let kernel = cfg.kernel.as_deref().unwrap_or(Path::new(""));
+                if !probe.pvm || probe.dev_kvm.is_err() {
+                    return Err(why);
+                }
+                // PVM: the PVM kernel flavour runs userspace under host-vmm (slowly).
+                if !is_pvm_flavour(kernel) {
+                    return Err(format!(
+                        "{why}; only the PVM kernel flavour (kernel-config/build.sh --flavour \
+                         pvm) runs there, and {} is not it",
+                        kernel.display()
+                    ));
+                }
             }
             host_vmm_binary(cfg)
                 .map(drop)
@@ -109,6 +120,20 @@ fn check(name: &'static str, cfg: &RuntimeConfig, probe: &HostProbe) -> Result<(
         }
         _ => qemu_tools(),
     }
+}
+
+/// Whether `kernel` is the PVM flavour of kiln's kernel, known by where `kernel-config/build.sh
+/// --flavour pvm` and packages put it: `<cache>/pvm/<key>/vmlinux` (or the `<cache>/pvm/vmlinux`
+/// link to it) and `<install dir>/vmlinux-pvm`. Links are resolved first.
+pub fn is_pvm_flavour(kernel: &Path) -> bool {
+    let real = std::fs::canonicalize(kernel).unwrap_or_else(|_| kernel.to_path_buf());
+    let named = |p: Option<&Path>, n: &str| p.and_then(Path::file_name).is_some_and(|f| f == n);
+    let pvm_path = |p: &Path| {
+        named(Some(p), "vmlinux-pvm")
+            || named(p.parent(), "pvm")
+            || named(p.parent().and_then(Path::parent), "pvm")
+    };
+    pvm_path(kernel) || pvm_path(&real)
 }
 
 /// Every backend and whether it works here.
@@ -142,6 +167,15 @@ pub fn resolve(choice: VmmChoice, cfg: &RuntimeConfig) -> Result<Backend, Sandbo
         VmmChoice::QemuKvm => want("qemu-kvm"),
         VmmChoice::QemuTcg => want("qemu-tcg"),
         VmmChoice::Qemu => want("qemu-kvm").or_else(|_| want("qemu-tcg")),
+        // On PVM host-vmm boots the PVM flavour in about a minute, QEMU TCG in about a second.
+        VmmChoice::Auto if probe.pvm => want("qemu-tcg")
+            .inspect(|_| {
+                log::info!(
+                    "PVM host: using qemu-tcg (host-vmm needs the PVM kernel flavour and about a \
+                     minute per boot there; --vmm host-vmm chooses it)"
+                )
+            })
+            .or_else(|e| want("host-vmm").map_err(|_| e)),
         VmmChoice::Auto => want("host-vmm").or_else(|e| {
             let fallback = want("qemu-kvm").or_else(|_| want("qemu-tcg"))?;
             log::info!("{e}; using {}", backend_name(&fallback));
@@ -165,6 +199,8 @@ pub fn vm_dir(dir: &Path) -> PathBuf {
 pub struct Sandbox {
     vm: Vm,
     name: &'static str,
+    /// host-vmm on a PVM host: the guest kernel runs emulated, boots take about a minute.
+    pvm: bool,
 }
 
 impl Sandbox {
@@ -192,12 +228,18 @@ impl Sandbox {
         vc.vcpus = size.vcpus;
         vc.drives = drives.to_vec();
         let vm = Vm::launch(&vc)?;
-        Ok(Sandbox { vm, name })
+        let pvm = name == "host-vmm" && HostProbe::system().pvm;
+        Ok(Sandbox { vm, name, pvm })
     }
 
     /// The backend running this VM.
     pub fn backend_name(&self) -> String {
         self.name.to_string()
+    }
+
+    /// Whether this is host-vmm on a PVM host (boots take about a minute, more under load).
+    pub fn slow_boot(&self) -> bool {
+        self.pvm
     }
 
     /// The hybrid vsock socket.
@@ -242,6 +284,29 @@ impl Sandbox {
     pub fn kill(&mut self) {
         if let Err(e) = self.vm.kill() {
             log::warn!("stopping the VM: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pvm_flavour_is_known_by_its_path() {
+        for k in [
+            "/var/cache/kiln/kernel/pvm/46500c/vmlinux",
+            "/var/cache/kiln/kernel/pvm/vmlinux",
+            "/usr/lib/kiln/vmlinux-pvm",
+        ] {
+            assert!(is_pvm_flavour(Path::new(k)), "{k}");
+        }
+        for k in [
+            "/var/cache/kiln/kernel/aaea66/vmlinux",
+            "/var/cache/kiln/kernel/vmlinux",
+            "/usr/lib/kiln/vmlinux",
+        ] {
+            assert!(!is_pvm_flavour(Path::new(k)), "{k}");
         }
     }
 }

@@ -34,6 +34,10 @@ pub const READY_FD: i32 = 3;
 /// How long a shim waits for the agent after launching the VM.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// [`AGENT_TIMEOUT`] for host-vmm on a PVM host: the agent is ready 33-60 s after spawn on an
+/// idle or lightly loaded 2-core host (kernel code runs emulated), several times that under load.
+pub const AGENT_TIMEOUT_PVM: Duration = Duration::from_secs(300);
+
 /// Errors of the shims.
 #[derive(Debug, Error)]
 pub enum ShimError {
@@ -176,7 +180,16 @@ fn setup(
         size,
         &dir,
     )?);
-    let client = Arc::new(sandbox.connect_agent(AGENT_TIMEOUT)?);
+    let agent_timeout = if sandbox.slow_boot() {
+        log::info!(
+            "host-vmm on a PVM host: waiting up to {} s for the agent",
+            AGENT_TIMEOUT_PVM.as_secs()
+        );
+        AGENT_TIMEOUT_PVM
+    } else {
+        AGENT_TIMEOUT
+    };
+    let client = Arc::new(sandbox.connect_agent(agent_timeout)?);
 
     let plan = session::StdioPlan {
         terminal: req.spec.process.terminal,
