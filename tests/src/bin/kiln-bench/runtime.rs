@@ -27,12 +27,17 @@ use kiln_tests::runtime::{busybox_bundle, kiln_bin, kiln_env};
 
 /// How long one container may take before the run is abandoned.
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
+/// [`STEP_TIMEOUT`] for host-vmm on a PVM host (the agent is ready after about a minute, the
+/// shim itself waits up to 300 s).
+const PVM_STEP_TIMEOUT: Duration = Duration::from_secs(400);
 /// How long an idle container settles before its memory is read.
 const IDLE_SETTLE: Duration = Duration::from_secs(2);
 
 struct Bench {
     kiln: PathBuf,
     env: Vec<(String, PathBuf)>,
+    /// On a PVM host: the PVM kernel flavour, the only one host-vmm runs there.
+    pvm_kernel: Option<PathBuf>,
     scratch: TempDir,
     true_bundle: PathBuf,
     sleep_bundle: PathBuf,
@@ -80,6 +85,9 @@ impl Bench {
         if let Some(v) = vmm {
             c.args(["--vmm", v]);
         }
+        if let (Some(k), Some("host-vmm")) = (&self.pvm_kernel, vmm) {
+            c.env("KILN_KERNEL", k);
+        }
         c.args(args);
         c
     }
@@ -88,7 +96,11 @@ impl Bench {
     fn kiln_ok(&self, vmm: Option<&str>, log: &Path, args: &[&str]) -> Result<Duration> {
         let started = Instant::now();
         let err = self.scratch.path().join("kiln.stderr");
-        let (status, stderr) = run_bounded(self.kiln(vmm, log, args), &err, STEP_TIMEOUT)
+        let limit = match (&self.pvm_kernel, vmm) {
+            (Some(_), Some("host-vmm")) => PVM_STEP_TIMEOUT,
+            _ => STEP_TIMEOUT,
+        };
+        let (status, stderr) = run_bounded(self.kiln(vmm, log, args), &err, limit)
             .with_context(|| format!("kiln {args:?}"))?;
         ensure!(
             status.success(),
@@ -382,6 +394,9 @@ pub fn main(mut args: impl Iterator<Item = String>) -> Result<()> {
     let bench = Bench {
         kiln: kiln_bin(),
         env: kiln_env(),
+        pvm_kernel: (Path::new("/sys/module/kvm_pvm").exists()
+            && vmms.iter().any(|v| v.as_deref() == Some("host-vmm")))
+        .then(kiln_tests::kernel::vmlinux_pvm),
         scratch,
         true_bundle,
         sleep_bundle,
