@@ -217,7 +217,8 @@ pub struct ExecArgs {
     /// Accepted for runc compatibility and ignored.
     #[arg(long)]
     pub apparmor: Option<String>,
-    /// Accepted for runc compatibility and ignored.
+    /// Add a capability to the process (bounding, effective, permitted; also inheritable and
+    /// ambient when the process has inheritable capabilities), as runc does.
     #[arg(short, long)]
     pub cap: Vec<String>,
     /// Extra fds to pass (only 0 is supported).

@@ -105,15 +105,24 @@ pub fn has_guest_hooks(spec: &Spec, stage: GuestStage) -> bool {
 }
 
 /// The process the agent runs for one in-guest hook: `path` with `args[1..]` (the agent has no
-/// separate argv0), the hook's environment only, as root in `/`.
-fn hook_process(hook: &Hook) -> ProcessSpec {
+/// separate argv0), as root in `/`, with the hook's `env`, or without one the container
+/// process's environment (as runc, whose in-container hooks run from the prepared init).
+fn hook_process(hook: &Hook, spec: &Spec) -> ProcessSpec {
     let mut args = vec![hook.path().display().to_string()];
     if let Some(rest) = hook.args().as_ref().and_then(|a| a.split_first()) {
         args.extend(rest.1.iter().cloned());
     }
+    let env = match hook.env() {
+        Some(env) => env.clone(),
+        None => spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.env().clone())
+            .unwrap_or_default(),
+    };
     ProcessSpec {
         args,
-        env: hook.env().clone().unwrap_or_default(),
+        env,
         cwd: "/".into(),
         ..ProcessSpec::default()
     }
@@ -163,7 +172,7 @@ pub fn run_in_guest(
         let path = hook.path().display().to_string();
         let exec_id = format!("kiln-hook-{name}-{i}-{stamp}");
         client
-            .exec(id, &exec_id, hook_process(hook))
+            .exec(id, &exec_id, hook_process(hook, spec))
             .map_err(|e| agent_err(&path, "starting it in the container")(Box::new(e)))?;
         let attach = |which| hybrid_vsock_attach(uds, AGENT_VSOCK_PORT, id, &exec_id, which);
         let mut stdin = attach(StdioStream::Stdin)
@@ -360,16 +369,21 @@ mod tests {
         assert!(has_guest_hooks(&s, GuestStage::StartContainer));
         assert!(!has_guest_hooks(&s, GuestStage::CreateContainer));
         let h = &GuestStage::StartContainer.hooks(s.hooks().as_ref().unwrap())[0];
-        let p = hook_process(h);
+        let p = hook_process(h, &s);
         assert_eq!(p.args, ["/bin/sh", "-c", "exit 0"]);
         assert_eq!(p.env, ["A=1"]);
         assert_eq!(p.cwd, "/");
         assert_eq!(p.user.uid, 0);
         assert!(!p.terminal);
         assert_eq!(hook_timeout(h), Some(Duration::from_secs(7)));
-        let bare = spec(r#"{"createContainer":[{"path":"/hook"}]}"#);
+        let mut bare = spec(r#"{"createContainer":[{"path":"/hook"}]}"#);
         let h = &GuestStage::CreateContainer.hooks(bare.hooks().as_ref().unwrap())[0];
-        assert_eq!(hook_process(h).args, ["/hook"]);
+        assert_eq!(hook_process(h, &bare).args, ["/hook"]);
+        // No env: the container process's.
+        let mut process = oci_spec::runtime::Process::default();
+        process.set_env(Some(vec!["FROM=process".into()]));
+        bare.set_process(Some(process));
+        assert_eq!(hook_process(h, &bare).env, ["FROM=process"]);
         assert_eq!(hook_timeout(h), None);
     }
 }

@@ -143,5 +143,80 @@ fn build_process(args: &ExecArgs, base: &ProcessSpec) -> Result<ProcessSpec, Com
     if args.no_new_privs {
         p.no_new_privileges = true;
     }
+    add_capabilities(&mut p, &args.cap)?;
     Ok(p)
+}
+
+/// `--cap NAME` (repeatable), as runc: each capability joins the bounding, effective and
+/// permitted sets, and the inheritable and ambient sets when the process has inheritable ones.
+/// A process without a capability list keeps the agent's full default, which already has it.
+fn add_capabilities(p: &mut ProcessSpec, caps: &[String]) -> Result<(), CommandError> {
+    let Some(set) = p.capabilities.as_mut() else {
+        return Ok(());
+    };
+    for cap in caps {
+        let upper = cap.to_ascii_uppercase();
+        let name = if upper.starts_with("CAP_") {
+            upper
+        } else {
+            format!("CAP_{upper}")
+        };
+        if name.len() <= 4
+            || !name[4..]
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b == b'_')
+        {
+            return Err(CommandError::Usage(format!(
+                "--cap {cap}: not a capability name"
+            )));
+        }
+        let with_inheritable = !set.inheritable.is_empty();
+        let mut lists = vec![&mut set.bounding, &mut set.effective, &mut set.permitted];
+        if with_inheritable {
+            lists.push(&mut set.inheritable);
+            lists.push(&mut set.ambient);
+        }
+        for list in lists {
+            if !list.contains(&name) {
+                list.push(name.clone());
+                list.sort();
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_protocol::Capabilities;
+
+    #[test]
+    fn cap_flags_extend_the_sets_like_runc() {
+        let mut p = ProcessSpec {
+            capabilities: Some(Capabilities {
+                bounding: vec!["CAP_CHOWN".into()],
+                effective: vec!["CAP_CHOWN".into()],
+                permitted: vec!["CAP_CHOWN".into()],
+                ..Capabilities::default()
+            }),
+            ..ProcessSpec::default()
+        };
+        add_capabilities(&mut p, &["net_admin".into(), "CAP_CHOWN".into()]).unwrap();
+        let c = p.capabilities.as_ref().unwrap();
+        assert_eq!(c.bounding, ["CAP_CHOWN", "CAP_NET_ADMIN"]);
+        assert_eq!(c.effective, c.bounding);
+        assert_eq!(c.permitted, c.bounding);
+        assert!(c.inheritable.is_empty() && c.ambient.is_empty());
+        p.capabilities.as_mut().unwrap().inheritable = vec!["CAP_CHOWN".into()];
+        add_capabilities(&mut p, &["CAP_KILL".into()]).unwrap();
+        let c = p.capabilities.as_ref().unwrap();
+        assert_eq!(c.inheritable, ["CAP_CHOWN", "CAP_KILL"]);
+        assert_eq!(c.ambient, ["CAP_KILL"]);
+        assert!(add_capabilities(&mut p, &["CAP_".into()]).is_err());
+        assert!(add_capabilities(&mut p, &["cap-x".into()]).is_err());
+        let mut none = ProcessSpec::default();
+        add_capabilities(&mut none, &["CAP_KILL".into()]).unwrap();
+        assert!(none.capabilities.is_none());
+    }
 }
