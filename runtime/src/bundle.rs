@@ -67,6 +67,8 @@ const CARRIED_OPTIONS: &[&str] = &[
     "sync",
     "async",
     "dirsync",
+    "nosymfollow",
+    "symfollow",
 ];
 
 /// A bind mount of a host directory, carried into the VM as a disk image.
@@ -335,10 +337,20 @@ fn host_bind(
     let mut read_only = false;
     let mut options = Vec::new();
     for o in &m.options {
-        match o.as_str() {
+        // The guest gets one flat copy of the directory (no nested mounts), so a recursive
+        // option (`rro`, `rnosuid`, ... of mount_setattr) means the same as the plain one.
+        let o = match o.strip_prefix('r') {
+            Some(plain) if plain == "ro" || plain == "rw" || CARRIED_OPTIONS.contains(&plain) => {
+                plain
+            }
+            _ => o.as_str(),
+        };
+        match o {
             "ro" => read_only = true,
             "rw" => read_only = false,
-            o if CARRIED_OPTIONS.contains(&o) => options.push(o.to_string()),
+            o if CARRIED_OPTIONS.contains(&o) && !options.iter().any(|x| x == o) => {
+                options.push(o.to_string())
+            }
             _ => {}
         }
     }
@@ -507,7 +519,8 @@ mod tests {
             {{"destination":"/data","type":"bind","source":"{src}","options":["rbind","rprivate","nosuid","Z"]}},
             {{"destination":"/proc","type":"proc","source":"proc"}},
             {{"destination":"/conf","source":"{src}","options":["bind","ro","nodev"]}},
-            {{"destination":"/rel","type":"bind","source":"rootfs","options":["rbind"]}}]}}"#,
+            {{"destination":"/rel","type":"bind","source":"rootfs",
+              "options":["rbind","rro","rnosuid","nosuid","rnosymfollow","rrelatime"]}}]}}"#,
             src = data.path().display()
         );
         let (t, b) = bundle_with(&cfg);
@@ -544,7 +557,7 @@ mod tests {
                     "/rel",
                     Some("ext4"),
                     Some("/dev/disk/by-id/virtio-kiln-bind-2"),
-                    "rw".to_string()
+                    "ro,nosuid,nosymfollow,relatime".to_string()
                 ),
             ]
         );
@@ -558,7 +571,7 @@ mod tests {
             [
                 (data.path().to_path_buf(), false, "kiln-bind-0"),
                 (data.path().to_path_buf(), true, "kiln-bind-1"),
-                (bundle_dir.join("rootfs"), false, "kiln-bind-2"),
+                (bundle_dir.join("rootfs"), true, "kiln-bind-2"),
             ]
         );
     }

@@ -18,6 +18,9 @@ use std::sync::Arc;
 use super::caps::{self, CapsPlan};
 use super::seccomp::SeccompProgram;
 use libc::{c_int, c_ulong};
+
+/// `MS_NOSYMFOLLOW` (Linux 5.10; not in every libc release).
+const MS_NOSYMFOLLOW: c_ulong = 256;
 use thiserror::Error;
 
 pub mod disk;
@@ -535,6 +538,8 @@ fn parse_options(options: &[String]) -> MountOptions {
             "relatime" => (libc::MS_RELATIME, 0),
             "norelatime" => (0, libc::MS_RELATIME),
             "strictatime" => (libc::MS_STRICTATIME, 0),
+            "nosymfollow" => (MS_NOSYMFOLLOW, 0),
+            "symfollow" => (0, MS_NOSYMFOLLOW),
             "bind" => (libc::MS_BIND, 0),
             "rbind" => (libc::MS_BIND | libc::MS_REC, 0),
             "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
@@ -823,5 +828,8 @@ mod tests {
         let o = parse_options(&["nosuid".into(), "ro".into(), "mode=755".into(), "rw".into()]);
         assert_eq!(o.flags, libc::MS_NOSUID);
         assert_eq!(o.data, ["mode=755"]);
+        let o = parse_options(&["nosymfollow".into(), "nodev".into()]);
+        assert_eq!(o.flags, MS_NOSYMFOLLOW | libc::MS_NODEV);
+        assert!(o.data.is_empty());
     }
 }

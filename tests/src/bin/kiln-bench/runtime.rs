@@ -41,6 +41,8 @@ struct Bench {
     scratch: TempDir,
     true_bundle: PathBuf,
     sleep_bundle: PathBuf,
+    /// runc and crun get their own copy: they create mount points in the rootfs they run.
+    peer_bundle: PathBuf,
 }
 
 /// One `kiln` container's phases, in ms.
@@ -387,10 +389,15 @@ pub fn main(mut args: impl Iterator<Item = String>) -> Result<()> {
     let scratch = TempDir::new("kiln-bench-runtime");
     let true_bundle = scratch.path().join("true");
     let sleep_bundle = scratch.path().join("sleep");
-    std::fs::create_dir_all(&true_bundle)?;
-    std::fs::create_dir_all(&sleep_bundle)?;
-    busybox_bundle(&true_bundle, &["/bin/true"]);
-    busybox_bundle(&sleep_bundle, &["sleep", "1000"]);
+    let peer_bundle = scratch.path().join("peer");
+    for (dir, args) in [
+        (&true_bundle, &["/bin/true"][..]),
+        (&sleep_bundle, &["sleep", "1000"][..]),
+        (&peer_bundle, &["/bin/true"][..]),
+    ] {
+        std::fs::create_dir_all(dir)?;
+        busybox_bundle(dir, args);
+    }
     let bench = Bench {
         kiln: kiln_bin(),
         env: kiln_env(),
@@ -400,6 +407,7 @@ pub fn main(mut args: impl Iterator<Item = String>) -> Result<()> {
         scratch,
         true_bundle,
         sleep_bundle,
+        peer_bundle,
     };
 
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -422,7 +430,7 @@ pub fn main(mut args: impl Iterator<Item = String>) -> Result<()> {
             match oci_run(
                 name,
                 &root,
-                &bench.true_bundle,
+                &bench.peer_bundle,
                 &format!("bench-{name}-{i}"),
             ) {
                 Ok(ms) => samples.push(ms),
