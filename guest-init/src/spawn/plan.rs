@@ -589,6 +589,17 @@ fn mount_step(
         .as_deref()
         .filter(|t| !t.is_empty() && *t != "none");
     let is_bind = opts.flags & libc::MS_BIND != 0 || fstype == Some("bind");
+    // As runc: procfs and sysfs go on an ordinary directory, never through a symlink the
+    // image planted (which could aim them over other parts of the container's tree).
+    if matches!(fstype, Some("proc" | "sysfs")) && !is_bind {
+        let literal = rootfs.join(m.destination.trim_start_matches('/'));
+        if target != literal {
+            return Err(err(format!(
+                "{} must be mounted on an ordinary directory, not through a symlink",
+                fstype.unwrap_or_default()
+            )));
+        }
+    }
     let mut flags = opts.flags;
     let (source, fstype, target_is_file, remount_flags, data) = if is_bind {
         let src = m
@@ -797,6 +808,29 @@ mod tests {
         assert!(resolve_in_root(&dir, "t", "/a/../b").is_err());
         std::os::unix::fs::symlink("loop", dir.join("loop")).unwrap();
         assert!(resolve_in_root(&dir, "t", "/loop").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn proc_and_sys_refuse_symlinked_destinations() {
+        let dir = std::env::temp_dir().join(format!("kiln-plan-proc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        std::fs::create_dir_all(dir.join("sys")).unwrap();
+        std::os::unix::fs::symlink("real", dir.join("proc")).unwrap();
+        let m = |dest: &str, fstype: &str| MountSpec {
+            destination: dest.into(),
+            fstype: Some(fstype.into()),
+            source: Some(fstype.into()),
+            options: Vec::new(),
+        };
+        let e = mount_step(0, &m("/proc", "proc"), &dir, &dir)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("ordinary directory"), "{e}");
+        assert!(mount_step(1, &m("/sys", "sysfs"), &dir, &dir).is_ok());
+        // Other file systems may still go through a symlink that stays inside the root.
+        assert!(mount_step(2, &m("/proc", "tmpfs"), &dir, &dir).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
