@@ -8,7 +8,8 @@
 //! bind's options say) at the destination. The few files container engines bind over every
 //! container (`/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf`, `/run/.containerenv`) are
 //! skipped with a warning (the image's own copies stay visible); `/dev/shm` binds become a guest
-//! tmpfs; other binds of single files (and of anything not a directory) are refused with an
+//! tmpfs, binds of the host's `/sys` or `/proc` (rootless engines) the guest's own sysfs or procfs;
+//! other binds of single files (and of anything not a directory) are refused with an
 //! error naming them. Namespace paths name host namespaces, which the guest cannot join: the
 //! guest creates fresh namespaces of those kinds instead.
 
@@ -35,6 +36,9 @@ const VM_OVERHEAD_MIB: u64 = 64;
 const MIN_MEMORY_MIB: u64 = 128;
 /// Largest VM kiln will size from a container limit (MiB).
 const MAX_MEMORY_MIB: u64 = 64 * 1024;
+
+/// Host pseudo file systems whose binds become the guest kernel's own instance.
+const KERNEL_FS_BINDS: &[(&str, &str)] = &[("/sys", "sysfs"), ("/proc", "proc")];
 
 /// Destinations of host file binds that engines add to every container and kiln skips.
 const SKIPPED_FILE_BINDS: &[&str] = &[
@@ -409,6 +413,31 @@ fn guest_mounts(
                     "mode=1777".into(),
                 ],
             });
+        } else if let Some(fstype) = KERNEL_FS_BINDS
+            .iter()
+            .find(|(host, _)| Path::new(&source) == Path::new(host))
+            .map(|(_, fs)| *fs)
+        {
+            // Rootless engines bind the host's /sys (or /proc) instead of mounting their own;
+            // in a VM the guest kernel's own instance is the faithful equivalent (copying the
+            // host's pseudo-files into a disk could not work).
+            log::info!(
+                "bind mount of host {source} on {} becomes the guest's own {fstype}",
+                m.destination
+            );
+            let options = m
+                .options
+                .iter()
+                .map(|o| o.strip_prefix('r').filter(|p| *p == "ro").unwrap_or(o))
+                .filter(|o| ["ro", "nosuid", "nodev", "noexec"].contains(o))
+                .map(str::to_string)
+                .collect();
+            out.push(MountSpec {
+                destination: m.destination.clone(),
+                fstype: Some(fstype.into()),
+                source: Some(fstype.into()),
+                options,
+            });
         } else if SKIPPED_FILE_BINDS.contains(&m.destination.as_str()) {
             log::info!(
                 "bind mount of host file {source} on {} skipped: the VM sees only block devices",
@@ -474,6 +503,15 @@ mod tests {
         let dests: Vec<_> = spec.mounts.iter().map(|m| m.destination.as_str()).collect();
         assert_eq!(dests, ["/dev/shm", "/proc"]);
         assert_eq!(spec.mounts[0].fstype.as_deref(), Some("tmpfs"));
+        let cfg = format!(
+            r#"{BASE},"mounts":[{{"destination":"/sys","type":"none","source":"/sys",
+               "options":["rbind","nosuid","noexec","nodev","rro"]}}]}}"#
+        );
+        let (_t, b) = bundle_with(&cfg);
+        let (spec, binds) = b.unwrap().container_spec_and_binds().unwrap();
+        assert!(binds.is_empty());
+        assert_eq!(spec.mounts[0].fstype.as_deref(), Some("sysfs"));
+        assert_eq!(spec.mounts[0].options, ["nosuid", "noexec", "nodev", "ro"]);
         assert_eq!(spec.root.path, "/rootfs");
 
         let file = tempfile::NamedTempFile::new().unwrap();
