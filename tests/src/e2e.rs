@@ -7,6 +7,7 @@
 //! [`AgentClient`]. The helpers below build container specs and run processes the way the
 //! runtime does: exec, attach stdio streams, wait.
 
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,9 +15,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use kiln_protocol::codec::{read_frame, write_frame};
 use kiln_protocol::{
-    AgentClient, ContainerSpec, ExitStatus, MountSpec, Namespace, NamespaceKind, ProcessSpec,
-    RootSpec, StdioStream,
+    AgentClient, AgentMessage, ContainerSpec, ErrorKind, ExitStatus, Hello, HostMessage, MountSpec,
+    Namespace, NamespaceKind, ProcessSpec, Request, Response, RootSpec, StdioStream,
+    PROTOCOL_VERSION,
 };
 use kiln_runtime::vm::{Backend, Vm, VmConfig};
 
@@ -213,6 +216,46 @@ impl Guest {
     /// Creates and starts a container whose main process sleeps (execs go into it).
     pub fn sleeper(&self, id: &str, pid_ns: bool) {
         self.start_container(id, container_spec(process(&["sleep", "1000000"]), pid_ns));
+    }
+}
+
+/// Reads one frame from a raw agent connection and checks that it is an `Error` of `kind`
+/// (bounded: 120 s, for slow PVM guests too).
+pub fn expect_error(s: &mut UnixStream, kind: ErrorKind, what: &str) {
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    match read_frame::<_, AgentMessage>(s) {
+        Ok(AgentMessage::Error(e)) => assert_eq!(e.kind, kind, "{what}: {e}"),
+        other => panic!("{what}: expected a {kind:?} error, got {other:?}"),
+    }
+}
+
+/// On a fresh raw connection `s`: Hello, then a malformed frame, which must get a
+/// `MalformedFrame` error reply, then `Health` on the same connection, which must still answer:
+/// bad input from the host side neither kills the connection nor the agent.
+pub fn malformed_frame_keeps_the_connection(s: &mut UnixStream) {
+    let hello = HostMessage::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        client: "raw".into(),
+    });
+    write_frame(&mut *s, &hello).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    assert!(matches!(
+        read_frame::<_, AgentMessage>(&mut *s),
+        Ok(AgentMessage::HelloOk(_))
+    ));
+    s.write_all(&[4, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef]).unwrap();
+    expect_error(s, ErrorKind::MalformedFrame, "malformed frame after Hello");
+    let health = HostMessage::Request {
+        id: 5,
+        request: Request::Health,
+    };
+    write_frame(&mut *s, &health).unwrap();
+    match read_frame::<_, AgentMessage>(&mut *s) {
+        Ok(AgentMessage::Response {
+            id: 5,
+            response: Response::Ok,
+        }) => {}
+        other => panic!("Health after a malformed frame: {other:?}"),
     }
 }
 

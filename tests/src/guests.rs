@@ -126,25 +126,24 @@ pub fn guest(which: Guest) -> PathBuf {
     }
 }
 
-fn build_host_vmm() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("KILN_HOST_VMM") {
+/// Builds binary `bin` of workspace package `package` in the running test's own profile and
+/// target directory (so it is the code under test) and returns its path; the environment
+/// variable `prebuilt`, when set, names a binary to use instead.
+pub fn workspace_bin(package: &str, bin: &str, prebuilt: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(prebuilt) {
         return Ok(PathBuf::from(p));
     }
     let (dir, profile) = own_profile_dir()?;
     let mut cmd = cargo();
-    cmd.args([
-        "build",
-        "-p",
-        "host-vmm",
-        "--bin",
-        "host-vmm",
-        "--profile",
-        &profile,
-    ])
-    .arg("--target-dir")
-    .arg(dir.parent().context("profile directory has no parent")?);
-    run_cargo(cmd, "host-vmm")?;
-    Ok(dir.join("host-vmm"))
+    cmd.args(["build", "-p", package, "--bin", bin, "--profile", &profile])
+        .arg("--target-dir")
+        .arg(dir.parent().context("profile directory has no parent")?);
+    run_cargo(cmd, bin)?;
+    Ok(dir.join(bin))
+}
+
+fn build_host_vmm() -> Result<PathBuf> {
+    workspace_bin("host-vmm", "host-vmm", "KILN_HOST_VMM")
 }
 
 /// Path of the `host-vmm` binary, building it on first use (see the module docs).

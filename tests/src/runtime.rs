@@ -2,49 +2,18 @@
 //! environment it needs (this workspace's kernel and guest-init) and busybox bundles.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
-use crate::guests::target_dir;
+use crate::guests::workspace_bin;
 use crate::{e2e, kernel};
 
 /// Builds (once) and returns the `kiln` binary; `KILN_BIN` overrides.
 pub fn kiln_bin() -> PathBuf {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let r = BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("KILN_BIN") {
-            return Ok(PathBuf::from(p));
-        }
-        let target = target_dir().map_err(|e| format!("{e:#}"))?;
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let release = exe.components().any(|c| c.as_os_str() == "release");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(crate::workspace_root())
-            .args([
-                "build",
-                "-p",
-                "kiln-runtime",
-                "--bin",
-                "kiln",
-                "--target-dir",
-            ])
-            .arg(&target);
-        if release {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().map_err(|e| format!("running cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "building kiln failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(target
-            .join(if release { "release" } else { "debug" })
-            .join("kiln"))
+    let built = BIN.get_or_init(|| {
+        workspace_bin("kiln-runtime", "kiln", "KILN_BIN").map_err(|e| format!("{e:#}"))
     });
-    r.clone().unwrap_or_else(|e| panic!("{e}"))
+    built.clone().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Environment for `kiln`: kernel and guest-init of this workspace.

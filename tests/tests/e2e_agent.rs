@@ -16,17 +16,19 @@
 //! Run with `cargo test -p kiln-tests --test e2e_agent -- --nocapture` to see the report.
 
 use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
-use kiln_protocol::codec::{read_frame, write_frame};
+use kiln_protocol::codec::write_frame;
 use kiln_protocol::{
-    AgentMessage, ClientError, ErrorKind, Event, ExitStatus, Hello, HostMessage, ProtocolVersion,
-    Request, Resources, Response, StdioStream, INIT_EXEC_ID, PROTOCOL_VERSION,
+    ClientError, ErrorKind, Event, ExitStatus, Hello, HostMessage, ProtocolVersion, Resources,
+    StdioStream, INIT_EXEC_ID, PROTOCOL_VERSION,
 };
 use kiln_runtime::vm::{Accel, Backend};
-use kiln_tests::e2e::{container_spec, process, read_all, sh, Guest};
+use kiln_tests::e2e::{
+    container_spec, expect_error, malformed_frame_keeps_the_connection, process, read_all, sh,
+    Guest,
+};
 use sha2::{Digest, Sha256};
 
 /// Boots a guest on `backend`, runs every case and the measurements, fails listing failed cases.
@@ -455,14 +457,6 @@ fn case_hostname_env(g: &Guest) {
 }
 
 /// Reads one agent frame, expecting an error of `kind`.
-fn expect_error(s: &mut UnixStream, kind: ErrorKind, what: &str) {
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    match read_frame::<_, AgentMessage>(s) {
-        Ok(AgentMessage::Error(e)) => assert_eq!(e.kind, kind, "{what}: {e}"),
-        other => panic!("{what}: expected a {kind:?} error, got {other:?}"),
-    }
-}
-
 fn case_bad_frames(g: &Guest) {
     // Malformed first frame.
     let mut s = g.connect_raw();
@@ -487,38 +481,7 @@ fn case_bad_frames(g: &Guest) {
     expect_error(&mut s, ErrorKind::IncompatibleVersion, "wrong version");
     g.new_client().health().unwrap();
     // A malformed frame after the handshake: error reply, the connection goes on.
-    let mut s = g.connect_raw();
-    let hello = HostMessage::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        client: "raw".into(),
-    });
-    write_frame(&mut s, &hello).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    assert!(matches!(
-        read_frame::<_, AgentMessage>(&mut s),
-        Ok(AgentMessage::HelloOk(_))
-    ));
-    s.write_all(&[4, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef]).unwrap();
-    expect_error(
-        &mut s,
-        ErrorKind::MalformedFrame,
-        "malformed frame after Hello",
-    );
-    write_frame(
-        &mut s,
-        &HostMessage::Request {
-            id: 5,
-            request: Request::Health,
-        },
-    )
-    .unwrap();
-    match read_frame::<_, AgentMessage>(&mut s) {
-        Ok(AgentMessage::Response {
-            id: 5,
-            response: Response::Ok,
-        }) => {}
-        other => panic!("Health after a malformed frame: {other:?}"),
-    }
+    malformed_frame_keeps_the_connection(&mut g.connect_raw());
     // The shared client is unaffected, and errors of calls are typed.
     g.client.health().unwrap();
     assert_eq!(

@@ -24,14 +24,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use host_vmm::run::session::CONTAINER_ID as RUN_CONTAINER;
-use kiln_protocol::codec::{read_frame, write_frame};
 use kiln_protocol::transport::hybrid_vsock_connect;
-use kiln_protocol::{
-    AgentClient, AgentMessage, ErrorKind, ExitStatus, Hello, HostMessage, Request, Response,
-    StdioStream, AGENT_VSOCK_PORT, PROTOCOL_VERSION,
-};
+use kiln_protocol::{AgentClient, ExitStatus, StdioStream, AGENT_VSOCK_PORT};
 use kiln_tests::bounded::{self, Watchdog};
-use kiln_tests::e2e::{busybox_agent_image, process, read_all, sh};
+use kiln_tests::e2e::{
+    busybox_agent_image, malformed_frame_keeps_the_connection, process, read_all, sh,
+};
 use kiln_tests::guests::{host_vmm, TempDir};
 
 /// The whole test: boot (about 1-2 minutes here), cases, exit.
@@ -77,13 +75,6 @@ fn raw(uds: &Path) -> UnixStream {
 fn attach(uds: &Path, container: &str, exec: &str, which: StdioStream) -> UnixStream {
     kiln_protocol::transport::hybrid_vsock_attach(uds, AGENT_VSOCK_PORT, container, exec, which)
         .unwrap_or_else(|e| panic!("attach {which:?} of {container}/{exec}: {e}"))
-}
-
-fn expect_error(s: &mut UnixStream, kind: ErrorKind, what: &str) {
-    match read_frame::<_, AgentMessage>(s) {
-        Ok(AgentMessage::Error(reply)) => assert_eq!(reply.kind, kind, "{what}: {reply:?}"),
-        other => panic!("{what}: expected an Error frame, got {other:?}"),
-    }
 }
 
 /// The agent cases, on the booted guest.
@@ -132,37 +123,7 @@ fn agent_cases(c: &AgentClient, uds: &Path) {
     step("killed by SIGKILL", t);
 
     let t = Instant::now();
-    let mut s = raw(uds);
-    let hello = HostMessage::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        client: "raw".into(),
-    });
-    write_frame(&mut s, &hello).unwrap();
-    assert!(matches!(
-        read_frame::<_, AgentMessage>(&mut s),
-        Ok(AgentMessage::HelloOk(_))
-    ));
-    s.write_all(&[4, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef]).unwrap();
-    expect_error(
-        &mut s,
-        ErrorKind::MalformedFrame,
-        "malformed frame after Hello",
-    );
-    write_frame(
-        &mut s,
-        &HostMessage::Request {
-            id: 5,
-            request: Request::Health,
-        },
-    )
-    .unwrap();
-    match read_frame::<_, AgentMessage>(&mut s) {
-        Ok(AgentMessage::Response {
-            id: 5,
-            response: Response::Ok,
-        }) => {}
-        other => panic!("Health after a malformed frame: {other:?}"),
-    }
+    malformed_frame_keeps_the_connection(&mut raw(uds));
     c.health()
         .expect("the test's client after the malformed frame");
     step("malformed frame: Error reply, connection goes on", t);

@@ -8,7 +8,7 @@ use std::os::unix::fs::symlink;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_protocol::client::{AgentClient, ClientError};
@@ -19,7 +19,6 @@ use kiln_protocol::{
     Namespace, NamespaceKind, ProcessSpec, ProtocolVersion, Request, Resources, Response, RootSpec,
     StdioStream, TtySize, INIT_EXEC_ID,
 };
-use kiln_tests::guests::target_dir;
 use sha2::{Digest, Sha256};
 
 mod security;
@@ -30,49 +29,9 @@ pub use security::{case_capabilities, case_seccomp};
 #[allow(unused_imports)]
 pub use signals::case_signal_all;
 
-/// Builds (once) and returns the static musl guest-init; `KILN_GUEST_INIT` overrides.
+/// The static musl guest-init (built once, release); `KILN_GUEST_INIT` overrides.
 pub fn guest_init_bin() -> PathBuf {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let r = BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("KILN_GUEST_INIT") {
-            return Ok(PathBuf::from(p));
-        }
-        let target = target_dir().map_err(|e| format!("{e:#}"))?;
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let release = exe.components().any(|c| c.as_os_str() == "release");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(kiln_tests::workspace_root()).args([
-            "build",
-            "-p",
-            "kiln-guest-init",
-            "--target",
-            "x86_64-unknown-linux-musl",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        let out = cmd
-            .arg("--target-dir")
-            .arg(&target)
-            .output()
-            .map_err(|e| format!("running cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "building guest-init failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let profile = if release { "release" } else { "debug" };
-        Ok(target
-            .join("x86_64-unknown-linux-musl")
-            .join(profile)
-            .join("guest-init"))
-    });
-    match r {
-        Ok(p) => p.clone(),
-        Err(e) => panic!("{e}"),
-    }
+    kiln_tests::e2e::guest_init_bin().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A busybox-static tree at `root` (`/bin/busybox` plus one symlink per applet).
