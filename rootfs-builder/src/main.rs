@@ -173,6 +173,7 @@ fn run(cli: Cli) -> Result<()> {
                 erofs_compression: c.erofs_compression,
                 cache: (!no_cache).then_some(cache),
                 progress: Some(progress),
+                sync_output: true,
             };
             let built = rootfs_builder::build_image(&opts)?;
             println!(

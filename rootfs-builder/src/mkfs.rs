@@ -199,8 +199,8 @@ fn last_lines(s: &str) -> String {
 }
 
 /// Copies `src` to a new file `dst`, reproducing holes (images are mostly sparse) and using
-/// `copy_file_range` for the data (std's `io::copy` between files does).
-pub fn sparse_copy(src: &Path, dst: &Path) -> io::Result<()> {
+/// `copy_file_range` for the data (std's `io::copy` between files does); with `sync`, fsyncs it.
+pub fn sparse_copy(src: &Path, dst: &Path, sync: bool) -> io::Result<()> {
     let mut input = File::open(src)?;
     let len = input.metadata()?.len();
     let mut output = fs::OpenOptions::new()
@@ -228,7 +228,9 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> io::Result<()> {
         }
         offset = hole;
     }
-    output.sync_all()?;
+    if sync {
+        output.sync_all()?;
+    }
     Ok(())
 }
 

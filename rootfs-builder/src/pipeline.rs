@@ -162,7 +162,7 @@ fn build_image_inner(opts: &BuildOptions, progress: &dyn Progress) -> Result<Bui
     let path = match &opts.out {
         Some(out) => {
             let tmp = TempPath::new(sibling(out, "tmp"));
-            mkfs::sparse_copy(&cached, tmp.path())
+            mkfs::sparse_copy(&cached, tmp.path(), opts.sync_output)
                 .map_err(|e| BuildError::io(tmp.path(), "copy from cache", e))?;
             fs::rename(tmp.path(), out).map_err(|e| BuildError::io(out, "rename into place", e))?;
             tmp.keep();

@@ -85,6 +85,8 @@ pub fn pack_rootfs(
     opts.format = Format::Ext4;
     opts.layout = Layout::Agent { guest_init };
     opts.cache = Some(cfg.image_cache.clone());
+    // The container's private copy dies with the container; no fsync on its creation path.
+    opts.sync_output = false;
     let built = build_image(&opts).map_err(|source| ImageError::Build {
         rootfs: rootfs.to_path_buf(),
         source,
@@ -129,6 +131,7 @@ pub fn pack_bind(
     opts.format = Format::Ext4;
     opts.layout = Layout::Plain;
     opts.cache = Some(cfg.image_cache.clone());
+    opts.sync_output = false;
     if !bind.read_only {
         opts.out = Some(out.clone());
     }
