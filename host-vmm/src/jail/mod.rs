@@ -25,10 +25,24 @@ pub mod access;
 pub mod fs;
 pub mod monitor;
 pub mod privs;
+/// Whether the read end of the pipe whose write end is `fd` is closed (`POLLERR` on the write
+/// end), without blocking.
+fn reader_gone(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: poll on one live pollfd entry with a zero timeout.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    rc > 0 && p.revents & libc::POLLERR != 0
+}
+
 #[cfg(test)]
 mod tests;
 
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -249,6 +263,18 @@ pub fn enter(cfg: &JailConfig, vm: &mut VmConfig) -> Result<Entered, JailError> 
         .map_err(JailError::sys("prctl(PR_SET_PDEATHSIG)"))?;
     plan.enter()?;
     let status_fd = privs::confine(ids, &limits, status_write)?;
+    // The uid/gid change in `confine` clears the parent-death signal: set it again, then make
+    // sure the monitor did not die before that (a SIGKILLed monitor would otherwise leave the
+    // jailed VM running, reparented to the host's init). Its end of the status pipe tells.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(JailError::sys(
+        "prctl(PR_SET_PDEATHSIG) after the id change",
+    ))?;
+    if reader_gone(&status_fd) {
+        return Err(JailError::Sys(
+            "jail monitor",
+            io::Error::other("exited while the jail was being set up"),
+        ));
+    }
     monitor::report_exit_status_on(status_fd);
 
     vm.kernel = PathBuf::from(JAIL_KERNEL);
