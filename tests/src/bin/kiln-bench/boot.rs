@@ -217,23 +217,8 @@ fn row(label: &str, unit: &str, a: &[f64], b: &[f64], digits: usize) -> String {
 }
 
 /// Runs `kiln-bench boot ARGS`.
-pub fn main(mut args: impl Iterator<Item = String>) -> Result<()> {
-    let mut runs = 30usize;
-    let mut out = Some(kiln_tests::workspace_root().join("docs/benchmarks.md"));
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--runs" => {
-                runs = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|&n| n >= 1)
-                    .unwrap_or_else(|| super::usage())
-            }
-            "--out" => out = Some(PathBuf::from(args.next().unwrap_or_else(|| super::usage()))),
-            "--no-write" => out = None,
-            _ => super::usage(),
-        }
-    }
+pub fn main(args: impl Iterator<Item = String>) -> Result<()> {
+    let super::CommonArgs { runs, out } = super::parse_args(args, 30, |_, _| false);
     let setup = Setup {
         host_vmm: host_vmm(),
         kernel: guest(Guest::Pvh),

@@ -12,7 +12,7 @@
 mod boot;
 mod runtime;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result};
@@ -23,6 +23,46 @@ fn usage() -> ! {
          runtime also takes [--vmm NAME[,NAME...]] (kiln backends; default: what kiln picks)"
     );
     std::process::exit(1);
+}
+
+/// The options every benchmark takes.
+struct CommonArgs {
+    /// `--runs N` (at least 1).
+    runs: usize,
+    /// Where to write the section: docs/benchmarks.md, `--out PATH`, or none with `--no-write`.
+    out: Option<PathBuf>,
+}
+
+/// Parses `--runs`, `--out` and `--no-write`; any other flag goes to `extra` with the remaining
+/// arguments, which returns false for a flag it does not know either (then: usage).
+fn parse_args(
+    mut args: impl Iterator<Item = String>,
+    default_runs: usize,
+    mut extra: impl FnMut(&str, &mut dyn Iterator<Item = String>) -> bool,
+) -> CommonArgs {
+    let mut common = CommonArgs {
+        runs: default_runs,
+        out: Some(kiln_tests::workspace_root().join("docs/benchmarks.md")),
+    };
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => {
+                common.runs = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n| n >= 1)
+                    .unwrap_or_else(|| usage())
+            }
+            "--out" => common.out = Some(PathBuf::from(args.next().unwrap_or_else(|| usage()))),
+            "--no-write" => common.out = None,
+            flag => {
+                if !extra(flag, &mut args) {
+                    usage()
+                }
+            }
+        }
+    }
+    common
 }
 
 /// median, min, max

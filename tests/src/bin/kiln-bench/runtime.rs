@@ -358,28 +358,16 @@ fn med(v: &[f64]) -> f64 {
 }
 
 /// Runs `kiln-bench runtime ARGS`.
-pub fn main(mut args: impl Iterator<Item = String>) -> Result<()> {
-    let mut runs = 10usize;
+pub fn main(args: impl Iterator<Item = String>) -> Result<()> {
     let mut vmms: Vec<Option<String>> = vec![None];
-    let mut out = Some(kiln_tests::workspace_root().join("docs/benchmarks.md"));
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--runs" => {
-                runs = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|&n| n >= 1)
-                    .unwrap_or_else(|| super::usage())
-            }
-            "--vmm" => {
-                let list = args.next().unwrap_or_else(|| super::usage());
-                vmms = list.split(',').map(|v| Some(v.to_string())).collect();
-            }
-            "--out" => out = Some(PathBuf::from(args.next().unwrap_or_else(|| super::usage()))),
-            "--no-write" => out = None,
-            _ => super::usage(),
+    let super::CommonArgs { runs, out } = super::parse_args(args, 10, |flag, rest| {
+        if flag != "--vmm" {
+            return false;
         }
-    }
+        let list = rest.next().unwrap_or_else(|| super::usage());
+        vmms = list.split(',').map(|v| Some(v.to_string())).collect();
+        true
+    });
     // The shim is started by `kiln create` in a new session and outlives it; as a subreaper we
     // adopt it and can wait for it, as conmon and containerd's shim do.
     // SAFETY: prctl with integer arguments only.
